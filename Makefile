@@ -1,0 +1,46 @@
+# svq.py: tests and the VM rig (see vm/). Everything downloaded or built goes
+# to .cache/ (git-ignored).
+PYTHON ?= python3
+PYTEST = $(PYTHON) -m pytest
+TESTS ?= test_svq.py
+VM_RUN = $(PYTHON) vm/run
+
+export PYTHON
+
+.PHONY: all setup test unit vmtest demo bench smoke clean distclean
+
+all: test
+
+# Install packages, fetch the pinned kernel, build the modules and the initrd.
+# Idempotent: a quick no-op once .cache/ is filled.
+setup:
+	vm/setup
+
+# Set-up, unit tests on the host, device tests in the VM (or on this host when
+# it has /dev/vhost-vdpa-* and SVQ_NET_DEV set); fails if either fails.
+test:
+	vm/test
+
+unit:
+	$(PYTEST) -m "not vdpa" $(TESTS)
+
+vmtest: setup
+	$(VM_RUN) $(PYTHON) -m pytest -p no:cacheprovider -m vdpa -v $(TESTS)
+
+# svq.py on a vdpa_sim net device, for a machine with no vDPA device.
+demo: setup
+	$(VM_RUN) sh -c 'exec $(PYTHON) svq.py "$$SVQ_NET_DEV"'
+
+bench:
+	$(PYTHON) svq.py bench --out .cache/bench
+
+# The rig's own check: device ids of the three devices, SVQ_OUT writable.
+smoke: setup
+	$(VM_RUN) $(PYTHON) vm/smoke.py
+
+# Old VM runs and the console log; keeps the kernel, modules and downloads.
+clean:
+	rm -rf .cache/vm/runs .cache/vm/console.log .pytest_cache
+
+distclean:
+	rm -rf .cache .pytest_cache
