@@ -1,0 +1,2540 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""svq.py: shadow virtqueues for Linux vhost-vdpa devices.
+
+A vDPA device reads and writes guest memory by itself, so the hypervisor cannot
+see which pages it dirtied.  A shadow virtqueue (SVQ) sits between the guest's
+split ring and the device: it copies each guest descriptor chain into a shadow
+ring it owns, translates guest addresses into the device's IOVA space, forwards
+kicks (guest -> device) and calls (device -> guest), and writes the guest's
+used ring itself, logging every page the device wrote.
+
+    python3 svq.py /dev/vhost-vdpa-0            # built-in driver, shadow mode
+    python3 svq.py /dev/vhost-vdpa-0 --direct   # same driver, no shadow
+    python3 svq.py info /dev/vhost-vdpa-0       # identity and capabilities
+
+Python 3.8+, standard library only.  Importing this module has no side effects.
+The file reads top to bottom: uapi, errors, helpers, IOVA map, device, split
+ring, shadow virtqueue, event loop, built-in driver, CLI.
+"""
+
+import argparse
+import bisect
+import ctypes
+import errno
+import fcntl
+import json
+import mmap
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+
+__version__ = "0.1.0"
+
+# ============================================================================
+# uapi: ioctl encoding (include/uapi/asm-generic/ioctl.h)
+# ============================================================================
+
+_IOC_NRBITS = 8
+_IOC_TYPEBITS = 8
+_IOC_SIZEBITS = 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_NONE = 0
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _IOC(direction, type_, nr, size):
+    return ((direction << _IOC_DIRSHIFT) | (type_ << _IOC_TYPESHIFT)
+            | (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT))
+
+
+def _IO(type_, nr):
+    return _IOC(_IOC_NONE, type_, nr, 0)
+
+
+def _IOR(type_, nr, ctype):
+    return _IOC(_IOC_READ, type_, nr, ctypes.sizeof(ctype))
+
+
+def _IOW(type_, nr, ctype):
+    return _IOC(_IOC_WRITE, type_, nr, ctypes.sizeof(ctype))
+
+
+def _IOWR(type_, nr, ctype):
+    return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, ctypes.sizeof(ctype))
+
+
+# ============================================================================
+# uapi: structures (include/uapi/linux/vhost_types.h), named as in the kernel
+# ============================================================================
+
+class vhost_vring_state(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint), ("num", ctypes.c_uint)]
+
+
+class vhost_vring_file(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint), ("fd", ctypes.c_int)]
+
+
+class vhost_vring_addr(ctypes.Structure):
+    _fields_ = [("index", ctypes.c_uint), ("flags", ctypes.c_uint),
+                ("desc_user_addr", ctypes.c_uint64),
+                ("used_user_addr", ctypes.c_uint64),
+                ("avail_user_addr", ctypes.c_uint64),
+                ("log_guest_addr", ctypes.c_uint64)]
+
+
+class vhost_iotlb_msg(ctypes.Structure):
+    _fields_ = [("iova", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                ("uaddr", ctypes.c_uint64), ("perm", ctypes.c_uint8),
+                ("type", ctypes.c_uint8)]
+
+
+class _vhost_msg_union(ctypes.Union):
+    _fields_ = [("iotlb", vhost_iotlb_msg), ("padding", ctypes.c_uint8 * 64)]
+
+
+class vhost_msg(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [("type", ctypes.c_int), ("u", _vhost_msg_union)]
+
+
+class vhost_msg_v2(ctypes.Structure):
+    _anonymous_ = ("u",)
+    _fields_ = [("type", ctypes.c_uint32), ("asid", ctypes.c_uint32),
+                ("u", _vhost_msg_union)]
+
+
+class vhost_memory_region(ctypes.Structure):
+    _fields_ = [("guest_phys_addr", ctypes.c_uint64),
+                ("memory_size", ctypes.c_uint64),
+                ("userspace_addr", ctypes.c_uint64),
+                ("flags_padding", ctypes.c_uint64)]
+
+
+class vhost_memory(ctypes.Structure):
+    _fields_ = [("nregions", ctypes.c_uint32), ("padding", ctypes.c_uint32)]
+
+
+class vhost_vdpa_config(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint32), ("len", ctypes.c_uint32)]
+
+
+class vhost_vdpa_iova_range(ctypes.Structure):
+    _fields_ = [("first", ctypes.c_uint64), ("last", ctypes.c_uint64)]
+
+
+# ============================================================================
+# uapi: constants and ioctl numbers (include/uapi/linux/vhost.h, 6.12)
+# ============================================================================
+
+VHOST_FILE_UNBIND = -1
+VHOST_VIRTIO = 0xAF
+VHOST_PAGE_SIZE = 0x1000
+
+VHOST_VRING_F_LOG = 0
+VHOST_ACCESS_RO = 0x1
+VHOST_ACCESS_WO = 0x2
+VHOST_ACCESS_RW = 0x3
+VHOST_IOTLB_MISS = 1
+VHOST_IOTLB_UPDATE = 2
+VHOST_IOTLB_INVALIDATE = 3
+VHOST_IOTLB_ACCESS_FAIL = 4
+VHOST_IOTLB_BATCH_BEGIN = 5
+VHOST_IOTLB_BATCH_END = 6
+VHOST_IOTLB_MSG = 0x1
+VHOST_IOTLB_MSG_V2 = 0x2
+
+VHOST_F_LOG_ALL = 26
+VHOST_NET_F_VIRTIO_NET_HDR = 27
+VHOST_BACKEND_F_IOTLB_MSG_V2 = 0x1
+VHOST_BACKEND_F_IOTLB_BATCH = 0x2
+VHOST_BACKEND_F_IOTLB_ASID = 0x3
+VHOST_BACKEND_F_SUSPEND = 0x4
+VHOST_BACKEND_F_RESUME = 0x5
+VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK = 0x6
+VHOST_BACKEND_F_DESC_ASID = 0x7
+VHOST_BACKEND_F_IOTLB_PERSIST = 0x8
+
+_u8, _u16, _u32, _u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+VHOST_GET_FEATURES = _IOR(VHOST_VIRTIO, 0x00, _u64)
+VHOST_SET_FEATURES = _IOW(VHOST_VIRTIO, 0x00, _u64)
+VHOST_SET_OWNER = _IO(VHOST_VIRTIO, 0x01)
+VHOST_RESET_OWNER = _IO(VHOST_VIRTIO, 0x02)
+VHOST_SET_MEM_TABLE = _IOW(VHOST_VIRTIO, 0x03, vhost_memory)
+VHOST_SET_LOG_BASE = _IOW(VHOST_VIRTIO, 0x04, _u64)
+VHOST_SET_LOG_FD = _IOW(VHOST_VIRTIO, 0x07, ctypes.c_int)
+VHOST_SET_VRING_NUM = _IOW(VHOST_VIRTIO, 0x10, vhost_vring_state)
+VHOST_SET_VRING_ADDR = _IOW(VHOST_VIRTIO, 0x11, vhost_vring_addr)
+VHOST_SET_VRING_BASE = _IOW(VHOST_VIRTIO, 0x12, vhost_vring_state)
+VHOST_GET_VRING_BASE = _IOWR(VHOST_VIRTIO, 0x12, vhost_vring_state)
+VHOST_SET_VRING_KICK = _IOW(VHOST_VIRTIO, 0x20, vhost_vring_file)
+VHOST_SET_VRING_CALL = _IOW(VHOST_VIRTIO, 0x21, vhost_vring_file)
+VHOST_SET_VRING_ERR = _IOW(VHOST_VIRTIO, 0x22, vhost_vring_file)
+VHOST_SET_BACKEND_FEATURES = _IOW(VHOST_VIRTIO, 0x25, _u64)
+VHOST_GET_BACKEND_FEATURES = _IOR(VHOST_VIRTIO, 0x26, _u64)
+VHOST_VDPA_GET_DEVICE_ID = _IOR(VHOST_VIRTIO, 0x70, _u32)
+VHOST_VDPA_GET_STATUS = _IOR(VHOST_VIRTIO, 0x71, _u8)
+VHOST_VDPA_SET_STATUS = _IOW(VHOST_VIRTIO, 0x72, _u8)
+VHOST_VDPA_GET_CONFIG = _IOR(VHOST_VIRTIO, 0x73, vhost_vdpa_config)
+VHOST_VDPA_SET_CONFIG = _IOW(VHOST_VIRTIO, 0x74, vhost_vdpa_config)
+VHOST_VDPA_SET_VRING_ENABLE = _IOW(VHOST_VIRTIO, 0x75, vhost_vring_state)
+VHOST_VDPA_GET_VRING_NUM = _IOR(VHOST_VIRTIO, 0x76, _u16)
+VHOST_VDPA_SET_CONFIG_CALL = _IOW(VHOST_VIRTIO, 0x77, ctypes.c_int)
+VHOST_VDPA_GET_IOVA_RANGE = _IOR(VHOST_VIRTIO, 0x78, vhost_vdpa_iova_range)
+VHOST_VDPA_GET_CONFIG_SIZE = _IOR(VHOST_VIRTIO, 0x79, _u32)
+VHOST_VDPA_GET_AS_NUM = _IOR(VHOST_VIRTIO, 0x7A, ctypes.c_uint)
+VHOST_VDPA_GET_VRING_GROUP = _IOWR(VHOST_VIRTIO, 0x7B, vhost_vring_state)
+VHOST_VDPA_SET_GROUP_ASID = _IOW(VHOST_VIRTIO, 0x7C, vhost_vring_state)
+VHOST_VDPA_SUSPEND = _IO(VHOST_VIRTIO, 0x7D)
+VHOST_VDPA_RESUME = _IO(VHOST_VIRTIO, 0x7E)
+VHOST_VDPA_GET_VRING_DESC_GROUP = _IOWR(VHOST_VIRTIO, 0x7F, vhost_vring_state)
+VHOST_VDPA_GET_VQS_COUNT = _IOR(VHOST_VIRTIO, 0x80, _u32)
+VHOST_VDPA_GET_GROUP_NUM = _IOR(VHOST_VIRTIO, 0x81, _u32)
+VHOST_VDPA_GET_VRING_SIZE = _IOWR(VHOST_VIRTIO, 0x82, vhost_vring_state)
+
+# Names of the ioctls above, for error messages ("VHOST_SET_VRING_ADDR(vq 1)").
+IOCTL_NAMES = {v: k for k, v in sorted(globals().items())
+               if k.startswith("VHOST_") and isinstance(v, int)
+               and (v >> _IOC_TYPESHIFT) & 0xff == VHOST_VIRTIO}
+
+# ============================================================================
+# virtio: feature bits, status, ring layout, net and blk (include/uapi/linux)
+# ============================================================================
+
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+DEVICE_TYPES = {VIRTIO_ID_NET: "net", VIRTIO_ID_BLOCK: "blk"}
+
+VIRTIO_CONFIG_S_ACKNOWLEDGE = 1
+VIRTIO_CONFIG_S_DRIVER = 2
+VIRTIO_CONFIG_S_DRIVER_OK = 4
+VIRTIO_CONFIG_S_FEATURES_OK = 8
+VIRTIO_CONFIG_S_NEEDS_RESET = 0x40
+VIRTIO_CONFIG_S_FAILED = 0x80
+STATUS_NAMES = {1: "ACKNOWLEDGE", 2: "DRIVER", 4: "DRIVER_OK", 8: "FEATURES_OK",
+                0x40: "NEEDS_RESET", 0x80: "FAILED"}
+
+VIRTIO_F_NOTIFY_ON_EMPTY = 24
+VIRTIO_F_ANY_LAYOUT = 27
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_IN_ORDER = 35
+VIRTIO_F_ORDER_PLATFORM = 36
+VIRTIO_F_SR_IOV = 37
+VIRTIO_F_NOTIFICATION_DATA = 38
+VIRTIO_F_NOTIF_CONFIG_DATA = 39
+VIRTIO_F_RING_RESET = 40
+VIRTIO_F_ADMIN_VQ = 41
+
+COMMON_FEATURE_NAMES = {
+    24: "NOTIFY_ON_EMPTY", 26: "LOG_ALL", 27: "ANY_LAYOUT", 28: "INDIRECT_DESC",
+    29: "EVENT_IDX", 30: "PROTOCOL_FEATURES", 32: "VERSION_1",
+    33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER",
+    36: "ORDER_PLATFORM", 37: "SR_IOV", 38: "NOTIFICATION_DATA",
+    39: "NOTIF_CONFIG_DATA", 40: "RING_RESET", 41: "ADMIN_VQ"}
+
+VIRTIO_NET_F_CSUM = 0
+VIRTIO_NET_F_GUEST_CSUM = 1
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_MQ = 22
+VIRTIO_NET_F_CTRL_MAC_ADDR = 23
+VIRTIO_NET_F_SPEED_DUPLEX = 63
+NET_FEATURE_NAMES = {
+    0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC",
+    6: "GSO", 7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN", 10: "GUEST_UFO",
+    11: "HOST_TSO4", 12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO",
+    15: "MRG_RXBUF", 16: "STATUS", 17: "CTRL_VQ", 18: "CTRL_RX",
+    19: "CTRL_VLAN", 20: "CTRL_RX_EXTRA", 21: "GUEST_ANNOUNCE", 22: "MQ",
+    23: "CTRL_MAC_ADDR", 52: "DEVICE_STATS", 56: "VQ_NOTF_COAL", 57: "NOTF_COAL",
+    58: "GUEST_USO4", 59: "GUEST_USO6", 60: "HOST_USO", 61: "HASH_REPORT",
+    62: "GUEST_HDRLEN", 63: "SPEED_DUPLEX"}
+
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+BLK_FEATURE_NAMES = {
+    0: "BARRIER", 1: "SIZE_MAX", 2: "SEG_MAX", 4: "GEOMETRY", 5: "RO",
+    6: "BLK_SIZE", 7: "SCSI", 9: "FLUSH", 10: "TOPOLOGY", 11: "CONFIG_WCE",
+    12: "MQ", 13: "DISCARD", 14: "WRITE_ZEROES", 15: "LIFETIME",
+    16: "SECURE_ERASE", 17: "ZONED"}
+
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_ID_BYTES = 20
+SECTOR_SIZE = 512
+
+BACKEND_FEATURE_NAMES = {0: "IOTLB_MSG_V1", 1: "IOTLB_MSG_V2", 2: "IOTLB_BATCH",
+                         3: "IOTLB_ASID", 4: "SUSPEND", 5: "RESUME",
+                         6: "ENABLE_AFTER_DRIVER_OK", 7: "DESC_ASID",
+                         8: "IOTLB_PERSIST"}
+
+# Split ring (virtio 1.x section 2.7): descriptor table, avail ring, used ring.
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+VRING_DESC_SIZE = 16
+VRING_USED_ELEM_SIZE = 8
+VIRTIO_NET_HDR_SIZE = 12          # struct virtio_net_hdr_v1 (VERSION_1)
+
+# Precompiled little-endian layouts: the hot path only calls these.
+_DESC = struct.Struct("<QIHH")      # struct vring_desc {addr, len, flags, next}
+_USED_ELEM = struct.Struct("<II")   # struct vring_used_elem {id, len}
+_U16 = struct.Struct("<H")
+_U64 = struct.Struct("<Q")
+_EVENTFD_ONE = _U64.pack(1)
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+def vring_desc_size(num):
+    return VRING_DESC_SIZE * num
+
+
+def vring_avail_size(num):
+    return 4 + 2 * num + 2            # flags, idx, ring[num], used_event
+
+
+def vring_used_size(num):
+    return 4 + VRING_USED_ELEM_SIZE * num + 2   # flags, idx, ring[num], avail_event
+
+
+def vring_need_event(event_idx, new_idx, old_idx):
+    """virtio spec 2.7.10: notify iff event_idx lies in [old_idx, new_idx)."""
+    return ((new_idx - event_idx - 1) & 0xffff) < ((new_idx - old_idx) & 0xffff)
+
+
+def feature_names(bits, type_names=None):
+    names = []
+    for bit in range(64):
+        if bits >> bit & 1:
+            name = (type_names or {}).get(bit) if bit < 24 or bit > 41 else None
+            name = name or COMMON_FEATURE_NAMES.get(bit) or "bit%d" % bit
+            names.append(name)
+    return names
+
+
+def status_names(status):
+    return [n for b, n in sorted(STATUS_NAMES.items()) if status & b] or ["RESET"]
+
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+class SvqError(Exception):
+    """Root of every error svq.py reports; str() is one line for the user."""
+
+
+class UsageError(SvqError):
+    """A bad option or argument."""
+
+
+class DeviceError(SvqError):
+    """A failed ioctl or IOTLB message: keeps errno, the request and the queue."""
+
+    def __init__(self, op, err, vq=None, hint=None):
+        self.op, self.errno, self.vq, self.hint = op, err, vq, hint
+        where = op if vq is None else "%s(vq %d)" % (op, vq)
+        msg = "%s: %s" % (where, os.strerror(err) if err else "failed")
+        if hint:
+            msg += " (%s)" % hint
+        super().__init__(msg)
+
+
+class IOVAError(SvqError):
+    """IOVA space exhausted, overlapping or unknown mapping."""
+
+
+class RingError(SvqError):
+    """A guest ring or device broke the virtio rules; the queue stops."""
+
+    def __init__(self, side, vq, idx, what):
+        self.side, self.vq, self.idx, self.what = side, vq, idx, what
+        super().__init__("%s ring vq %d index %d: %s" % (side, vq, idx, what))
+
+
+# ============================================================================
+# Low-level helpers: memory barriers, eventfds, shared memory
+# ============================================================================
+
+_IS_X86 = os.uname().machine in ("x86_64", "i686", "i386", "amd64")
+_fence_lock = threading.Lock()
+
+
+def smp_mb():
+    """Full memory barrier (store-load).  Taking and dropping a lock executes
+    a lock-prefixed read-modify-write (x86) or a barrier-ordered atomic
+    (elsewhere), which orders every earlier load and store before every later
+    one.  Needed wherever we write a flag or index and then read the peer's."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+if _IS_X86:
+    # x86-64 is TSO: stores are not reordered with stores, loads not with
+    # loads.  Each struct call is an opaque C function call, so the compiler
+    # cannot move our accesses across it either.  Only store-load needs a fence.
+    def smp_wmb():
+        pass
+
+    def smp_rmb():
+        pass
+else:
+    smp_wmb = smp_rmb = smp_mb
+
+
+_libc = None
+
+
+def eventfd():
+    """A non-blocking, close-on-exec eventfd (os.eventfd is Python 3.10+)."""
+    if hasattr(os, "eventfd"):
+        return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = _libc.eventfd(0, 0o2000000 | 0o4000)   # EFD_CLOEXEC | EFD_NONBLOCK
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def eventfd_drain(fd):
+    """Read and clear an eventfd; returns the count (0 if it was not set)."""
+    try:
+        return _U64.unpack(os.read(fd, 8))[0]
+    except BlockingIOError:
+        return 0
+
+
+def mmap_address(mm):
+    """Host virtual address of an mmap object's first byte."""
+    buf = (ctypes.c_char * 1).from_buffer(mm)
+    addr = ctypes.addressof(buf)
+    del buf                       # drop the export so the mmap can be closed
+    return addr
+
+
+def page_align_up(n):
+    return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+class SharedMemory:
+    """A MAP_SHARED mapping: anonymous (shmem) or of a passed fd.  vdpa_sim and
+    VDUSE map user memory by VMA and silently skip private anonymous memory,
+    so every page a device may touch must come from here."""
+
+    def __init__(self, size, fd=-1, offset=0, prot=mmap.PROT_READ | mmap.PROT_WRITE):
+        self.size = size
+        if fd < 0:
+            self.mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=prot)
+        else:
+            self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot,
+                                offset=offset)
+        self.hva = mmap_address(self.mm)
+        self.mv = memoryview(self.mm)
+
+    def close(self):
+        if self.mm is not None:
+            self.mv.release()
+            try:
+                self.mm.close()
+            except BufferError:
+                pass            # a view is still alive; the GC unmaps later
+            self.mm = None
+
+
+# ============================================================================
+# IOVA map: device IOVA ranges <-> host virtual ranges (bisect-based)
+# ============================================================================
+
+class IOVAMapping:
+    __slots__ = ("iova", "size", "hva", "perm")
+
+    def __init__(self, iova, size, hva, perm):
+        self.iova, self.size, self.hva, self.perm = iova, size, hva, perm
+
+    def __repr__(self):
+        return "IOVAMapping(iova=%#x, size=%#x, hva=%#x, perm=%d)" % (
+            self.iova, self.size, self.hva, self.perm)
+
+
+class IOVAMap:
+    """Sorted, non-overlapping IOVA ranges of the device, each backed by a host
+    virtual range.  Allocation is first-fit, page aligned, inside the device's
+    usable range [first, last] and never at page 0 (a zero IOVA looks like a
+    NULL pointer to too many devices)."""
+
+    def __init__(self, first=0, last=(1 << 64) - 1):
+        if first > last:
+            raise IOVAError("empty IOVA range [%#x, %#x]" % (first, last))
+        self.first, self.last = first, last
+        self._starts = []       # IOVA starts, sorted
+        self._maps = []         # IOVAMapping, same order
+        self._hva_starts = []   # host starts, sorted (may overlap)
+        self._hva_maps = []
+
+    def __len__(self):
+        return len(self._maps)
+
+    def __iter__(self):
+        return iter(list(self._maps))
+
+    def _check_free(self, iova, size):
+        if size <= 0:
+            raise IOVAError("empty mapping at IOVA %#x" % iova)
+        end = iova + size - 1
+        if iova < self.first or end > self.last:
+            raise IOVAError("IOVA [%#x, %#x] outside the device range [%#x, %#x]"
+                            % (iova, end, self.first, self.last))
+        i = bisect.bisect_right(self._starts, iova)
+        if i > 0:
+            prev = self._maps[i - 1]
+            if prev.iova + prev.size > iova:
+                raise IOVAError("IOVA [%#x, %#x] overlaps %r" % (iova, end, prev))
+        if i < len(self._maps) and self._maps[i].iova <= end:
+            raise IOVAError("IOVA [%#x, %#x] overlaps %r" % (iova, end, self._maps[i]))
+        return i
+
+    def _insert(self, i, m):
+        self._starts.insert(i, m.iova)
+        self._maps.insert(i, m)
+        j = bisect.bisect_right(self._hva_starts, m.hva)
+        self._hva_starts.insert(j, m.hva)
+        self._hva_maps.insert(j, m)
+        return m
+
+    def insert(self, iova, hva, size, perm=VHOST_ACCESS_RW):
+        """Map [iova, iova+size) at a fixed place (direct mode: IOVA = GPA)."""
+        return self._insert(self._check_free(iova, size), IOVAMapping(iova, size, hva, perm))
+
+    def alloc(self, hva, size, perm=VHOST_ACCESS_RW):
+        """First-fit allocation of a page-aligned IOVA range for [hva, hva+size)."""
+        if size <= 0:
+            raise IOVAError("empty mapping")
+        size = page_align_up(size)
+        cand = page_align_up(max(self.first, PAGE_SIZE))
+        i = 0
+        for i, m in enumerate(self._maps):
+            if m.iova + m.size <= cand:
+                continue
+            if cand + size <= m.iova:
+                break
+            cand = page_align_up(m.iova + m.size)
+        else:
+            i = len(self._maps)
+        if cand + size - 1 > self.last or cand + size - 1 >= 1 << 64:
+            raise IOVAError("IOVA space exhausted: no %#x bytes free in [%#x, %#x]"
+                            % (size, self.first, self.last))
+        return self._insert(i, IOVAMapping(cand, size, hva, perm))
+
+    def remove(self, iova):
+        i = bisect.bisect_left(self._starts, iova)
+        if i == len(self._starts) or self._starts[i] != iova:
+            raise IOVAError("no mapping at IOVA %#x" % iova)
+        m = self._maps.pop(i)
+        del self._starts[i]
+        j = self._hva_maps.index(m)
+        del self._hva_maps[j]
+        del self._hva_starts[j]
+        return m
+
+    def find_iova(self, iova):
+        i = bisect.bisect_right(self._starts, iova) - 1
+        if i >= 0:
+            m = self._maps[i]
+            if iova < m.iova + m.size:
+                return m
+        return None
+
+    def _find_hva(self, hva):
+        i = bisect.bisect_right(self._hva_starts, hva) - 1
+        while i >= 0:
+            m = self._hva_maps[i]
+            if hva < m.hva + m.size:
+                return m
+            i -= 1
+            if i >= 0 and self._hva_maps[i].hva + (1 << 48) < hva:
+                break
+        return None
+
+    def translate(self, hva, size):
+        """Host range -> list of (iova, length) pieces; may span several maps."""
+        pieces = []
+        while size > 0:
+            m = self._find_hva(hva)
+            if m is None:
+                raise IOVAError("host address %#x is not mapped for the device" % hva)
+            off = hva - m.hva
+            n = min(size, m.size - off)
+            pieces.append((m.iova + off, n))
+            hva += n
+            size -= n
+        return pieces
+
+
+# ============================================================================
+# Device: /dev/vhost-vdpa-N
+# ============================================================================
+
+_MISSING_HINT = ("load vhost_vdpa and add a device: modprobe vhost_vdpa; "
+                 "vdpa dev add mgmtdev vdpasim_net name vdpa0")
+
+
+class VhostVdpa:
+    """One open vhost-vdpa character device: thin, named wrappers around its
+    ioctls and IOTLB messages.  Every failure is a DeviceError naming the op."""
+
+    def __init__(self, path):
+        self.path = path
+        self.fd = -1
+        self.backend_features = 0
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise DeviceError("open %s" % path, errno.ENOENT, hint=_MISSING_HINT) from None
+        except OSError as e:
+            raise DeviceError("open %s" % path, e.errno) from None
+        import stat as _stat
+        if not _stat.S_ISCHR(st.st_mode):
+            raise DeviceError("open %s" % path, errno.ENODEV,
+                              hint="not a character device; expected /dev/vhost-vdpa-N")
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            hint = {errno.EBUSY: "device busy: another process holds it open",
+                    errno.EACCES: "permission denied: run as root or get access to the device",
+                    errno.EPERM: "permission denied: run as root or get access to the device",
+                    errno.ENXIO: _MISSING_HINT, errno.ENODEV: _MISSING_HINT}.get(e.errno)
+            raise DeviceError("open %s" % path, e.errno, hint=hint) from None
+
+    # -- plumbing --
+    def ioctl(self, req, arg=0, vq=None):
+        try:
+            if isinstance(arg, int):
+                return fcntl.ioctl(self.fd, req, arg)
+            return fcntl.ioctl(self.fd, req, arg, True)
+        except OSError as e:
+            raise DeviceError(IOCTL_NAMES.get(req, "ioctl %#x" % req), e.errno, vq) from None
+
+    def _get(self, req, ctype, vq=None):
+        v = ctype()
+        self.ioctl(req, v, vq)
+        return v.value
+
+    def _set(self, req, ctype, value, vq=None):
+        self.ioctl(req, ctype(value), vq)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- generic vhost --
+    def set_owner(self):
+        self.ioctl(VHOST_SET_OWNER)
+
+    def get_features(self):
+        return self._get(VHOST_GET_FEATURES, _u64)
+
+    def set_features(self, features):
+        self._set(VHOST_SET_FEATURES, _u64, features)
+
+    def get_backend_features(self):
+        return self._get(VHOST_GET_BACKEND_FEATURES, _u64)
+
+    def set_backend_features(self, features):
+        self._set(VHOST_SET_BACKEND_FEATURES, _u64, features)
+        self.backend_features = features
+
+    def set_vring_num(self, vq, num):
+        self.ioctl(VHOST_SET_VRING_NUM, vhost_vring_state(vq, num), vq)
+
+    def set_vring_base(self, vq, base):
+        self.ioctl(VHOST_SET_VRING_BASE, vhost_vring_state(vq, base), vq)
+
+    def get_vring_base(self, vq):
+        s = vhost_vring_state(vq, 0)
+        self.ioctl(VHOST_GET_VRING_BASE, s, vq)
+        return s.num
+
+    def set_vring_addr(self, vq, desc, avail, used, flags=0, log=0):
+        self.ioctl(VHOST_SET_VRING_ADDR,
+                   vhost_vring_addr(vq, flags, desc, used, avail, log), vq)
+
+    def set_vring_kick(self, vq, fd):
+        self.ioctl(VHOST_SET_VRING_KICK, vhost_vring_file(vq, fd), vq)
+
+    def set_vring_call(self, vq, fd):
+        self.ioctl(VHOST_SET_VRING_CALL, vhost_vring_file(vq, fd), vq)
+
+    def set_vring_err(self, vq, fd):
+        self.ioctl(VHOST_SET_VRING_ERR, vhost_vring_file(vq, fd), vq)
+
+    # -- vhost-vdpa --
+    def get_device_id(self):
+        return self._get(VHOST_VDPA_GET_DEVICE_ID, _u32)
+
+    def get_status(self):
+        return self._get(VHOST_VDPA_GET_STATUS, _u8)
+
+    def set_status(self, status):
+        self._set(VHOST_VDPA_SET_STATUS, _u8, status)
+
+    def get_config_size(self):
+        return self._get(VHOST_VDPA_GET_CONFIG_SIZE, _u32)
+
+    def get_config(self, off, length):
+        buf = bytearray(ctypes.sizeof(vhost_vdpa_config) + length)
+        struct.pack_into("<II", buf, 0, off, length)
+        self.ioctl(VHOST_VDPA_GET_CONFIG, buf)
+        return bytes(buf[8:])
+
+    def set_vring_enable(self, vq, enable=True):
+        self.ioctl(VHOST_VDPA_SET_VRING_ENABLE, vhost_vring_state(vq, int(enable)), vq)
+
+    def get_vring_num(self):
+        return self._get(VHOST_VDPA_GET_VRING_NUM, _u16)
+
+    def get_vring_size(self, vq):
+        s = vhost_vring_state(vq, 0)
+        self.ioctl(VHOST_VDPA_GET_VRING_SIZE, s, vq)
+        return s.num
+
+    def get_iova_range(self):
+        r = vhost_vdpa_iova_range()
+        self.ioctl(VHOST_VDPA_GET_IOVA_RANGE, r)
+        return r.first, r.last
+
+    def get_vqs_count(self):
+        return self._get(VHOST_VDPA_GET_VQS_COUNT, _u32)
+
+    def get_group_num(self):
+        return self._get(VHOST_VDPA_GET_GROUP_NUM, _u32)
+
+    def get_as_num(self):
+        return self._get(VHOST_VDPA_GET_AS_NUM, ctypes.c_uint)
+
+    def get_vring_group(self, vq):
+        s = vhost_vring_state(vq, 0)
+        self.ioctl(VHOST_VDPA_GET_VRING_GROUP, s, vq)
+        return s.num
+
+    def set_group_asid(self, group, asid):
+        self.ioctl(VHOST_VDPA_SET_GROUP_ASID, vhost_vring_state(group, asid))
+
+    def suspend(self):
+        self.ioctl(VHOST_VDPA_SUSPEND)
+
+    def resume(self):
+        self.ioctl(VHOST_VDPA_RESUME)
+
+    # -- IOTLB (vhost_msg_v2 written to the device fd) --
+    def _iotlb(self, type_, iova=0, size=0, uaddr=0, perm=0, asid=0, what=None):
+        msg = vhost_msg_v2()
+        msg.type = VHOST_IOTLB_MSG_V2
+        msg.asid = asid
+        msg.iotlb.iova, msg.iotlb.size, msg.iotlb.uaddr = iova, size, uaddr
+        msg.iotlb.perm, msg.iotlb.type = perm, type_
+        try:
+            os.write(self.fd, msg)
+        except OSError as e:
+            raise DeviceError(what or "VHOST_IOTLB(%d)" % type_, e.errno) from None
+
+    def iotlb_update(self, iova, size, uaddr, perm, asid=0):
+        self._iotlb(VHOST_IOTLB_UPDATE, iova, size, uaddr, perm, asid,
+                    "VHOST_IOTLB_UPDATE(iova %#x size %#x)" % (iova, size))
+
+    def iotlb_invalidate(self, iova, size, asid=0):
+        self._iotlb(VHOST_IOTLB_INVALIDATE, iova, size, 0, 0, asid,
+                    "VHOST_IOTLB_INVALIDATE(iova %#x size %#x)" % (iova, size))
+
+    def iotlb_batch_begin(self):
+        self._iotlb(VHOST_IOTLB_BATCH_BEGIN, what="VHOST_IOTLB_BATCH_BEGIN")
+
+    def iotlb_batch_end(self):
+        self._iotlb(VHOST_IOTLB_BATCH_END, what="VHOST_IOTLB_BATCH_END")
+
+
+def decode_net_config(cfg, features):
+    out = {}
+    if len(cfg) >= 6 and features >> VIRTIO_NET_F_MAC & 1:
+        out["mac"] = ":".join("%02x" % b for b in cfg[0:6])
+    if len(cfg) >= 8 and features >> VIRTIO_NET_F_STATUS & 1:
+        st = _U16.unpack_from(cfg, 6)[0]
+        out["status"] = ["LINK_UP" if st & 1 else "LINK_DOWN"] + (["ANNOUNCE"] if st & 2 else [])
+    if len(cfg) >= 10 and features >> VIRTIO_NET_F_MQ & 1:
+        out["max_virtqueue_pairs"] = _U16.unpack_from(cfg, 8)[0]
+    if len(cfg) >= 12 and features >> VIRTIO_NET_F_MTU & 1:
+        out["mtu"] = _U16.unpack_from(cfg, 10)[0]
+    if len(cfg) >= 17 and features >> VIRTIO_NET_F_SPEED_DUPLEX & 1:
+        out["speed"], out["duplex"] = struct.unpack_from("<IB", cfg, 12)
+    return out
+
+
+def decode_blk_config(cfg, features):
+    out = {}
+    if len(cfg) >= 8:
+        out["capacity"] = _U64.unpack_from(cfg, 0)[0]
+    if len(cfg) >= 12 and features >> VIRTIO_BLK_F_SIZE_MAX & 1:
+        out["size_max"] = struct.unpack_from("<I", cfg, 8)[0]
+    if len(cfg) >= 16 and features >> VIRTIO_BLK_F_SEG_MAX & 1:
+        out["seg_max"] = struct.unpack_from("<I", cfg, 12)[0]
+    if len(cfg) >= 24 and features >> VIRTIO_BLK_F_BLK_SIZE & 1:
+        out["blk_size"] = struct.unpack_from("<I", cfg, 20)[0]
+    if len(cfg) >= 36 and features >> VIRTIO_BLK_F_MQ & 1:
+        out["num_queues"] = _U16.unpack_from(cfg, 34)[0]
+    if len(cfg) >= 33 and features >> VIRTIO_BLK_F_CONFIG_WCE & 1:
+        out["writeback"] = cfg[32]
+    return out
+
+
+# Features the shadow virtqueue can carry, per device type, besides the
+# transport bits.  MRG_RXBUF, CTRL_VQ, MQ and the packed ring are not shadowed.
+SVQ_NET_FEATURES = ((1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_MAC)
+                    | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_SPEED_DUPLEX)
+                    | (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_GUEST_CSUM))
+SVQ_BLK_FEATURES = ((1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX)
+                    | (1 << VIRTIO_BLK_F_GEOMETRY) | (1 << VIRTIO_BLK_F_RO)
+                    | (1 << VIRTIO_BLK_F_BLK_SIZE) | (1 << VIRTIO_BLK_F_FLUSH)
+                    | (1 << VIRTIO_BLK_F_TOPOLOGY) | (1 << VIRTIO_BLK_F_CONFIG_WCE))
+SVQ_TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
+                          | (1 << VIRTIO_F_ANY_LAYOUT) | (1 << VIRTIO_RING_F_EVENT_IDX))
+# What the shadow offers its guest on top of the device: it flattens indirect
+# tables and implements event-index suppression itself.
+SVQ_GUEST_EXTRA_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+SVQ_BACKEND_FEATURES = ((1 << VHOST_BACKEND_F_IOTLB_MSG_V2) | (1 << VHOST_BACKEND_F_IOTLB_BATCH)
+                        | (1 << VHOST_BACKEND_F_IOTLB_ASID) | (1 << VHOST_BACKEND_F_SUSPEND)
+                        | (1 << VHOST_BACKEND_F_RESUME))
+
+
+def svq_device_features(device_type):
+    return SVQ_TRANSPORT_FEATURES | {VIRTIO_ID_NET: SVQ_NET_FEATURES,
+                                     VIRTIO_ID_BLOCK: SVQ_BLK_FEATURES}.get(device_type, 0)
+
+
+class VdpaDevice:
+    """A vhost-vdpa device brought up as a virtio driver would: owner, backend
+    features, status handshake, config, IOTLB, per-queue setup, DRIVER_OK.
+    close() undoes all of it in reverse on every exit path."""
+
+    def __init__(self, path, opener=VhostVdpa):
+        self.path = path
+        self.dev = opener(path)
+        self.iova_map = None
+        self.status = 0
+        self.features = 0
+        self.batching = False
+        self.enabled_vqs = []
+        try:
+            self.dev.set_owner()
+            self.device_id = self.dev.get_device_id()
+            self.type = DEVICE_TYPES.get(self.device_id, "id%d" % self.device_id)
+            self.device_features = self.dev.get_features()
+            offered = self.dev.get_backend_features()
+            self.dev.set_backend_features(offered & SVQ_BACKEND_FEATURES)
+            self.backend_features = offered & SVQ_BACKEND_FEATURES
+            self.batching = bool(self.backend_features >> VHOST_BACKEND_F_IOTLB_BATCH & 1)
+            first, last = self.dev.get_iova_range()
+            self.iova_map = IOVAMap(first, last)
+            self.max_queue_size = self.dev.get_vring_num()
+            self.num_vqs = self.dev.get_vqs_count()
+        except BaseException:
+            self.dev.close()
+            raise
+
+    def has_backend(self, bit):
+        return bool(self.backend_features >> bit & 1)
+
+    def negotiate(self, wanted):
+        """Reset, ACKNOWLEDGE|DRIVER, features, FEATURES_OK read back."""
+        need = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
+        if self.device_features & need != need:
+            missing = [n for n in feature_names(need & ~self.device_features)]
+            raise DeviceError("%s: features" % self.path, errno.ENOTSUP,
+                              hint="device lacks %s, which svq.py requires" % ", ".join(missing))
+        features = self.device_features & wanted
+        self.set_status(0)
+        self.set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER)
+        self.dev.set_features(features)
+        self.set_status(self.status | VIRTIO_CONFIG_S_FEATURES_OK)
+        got = self.dev.get_status()
+        if not got & VIRTIO_CONFIG_S_FEATURES_OK:
+            self.set_status(self.status | VIRTIO_CONFIG_S_FAILED)
+            raise DeviceError("%s: FEATURES_OK" % self.path, errno.EPROTO,
+                              hint="device refused features %s" % ",".join(feature_names(features)))
+        self.features = features
+        return features
+
+    def set_status(self, status):
+        self.dev.set_status(status)
+        self.status = status
+
+    def config(self):
+        size = self.dev.get_config_size()
+        raw = self.dev.get_config(0, size) if size else b""
+        if self.device_id == VIRTIO_ID_NET:
+            return decode_net_config(raw, self.features or self.device_features)
+        if self.device_id == VIRTIO_ID_BLOCK:
+            return decode_blk_config(raw, self.features or self.device_features)
+        return {"raw": raw.hex()}
+
+    # -- IOTLB: IOVA map kept in step with the device --
+    def _batch(self, fn):
+        if self.batching:
+            self.dev.iotlb_batch_begin()
+        try:
+            return fn()
+        finally:
+            if self.batching:
+                self.dev.iotlb_batch_end()
+
+    def map(self, hva, size, perm=VHOST_ACCESS_RW, iova=None):
+        """Map a host range for the device; IOVA allocated first-fit unless given."""
+        m = (self.iova_map.alloc(hva, size, perm) if iova is None
+             else self.iova_map.insert(iova, hva, size, perm))
+        try:
+            self._batch(lambda: self.dev.iotlb_update(m.iova, m.size, m.hva, perm))
+        except BaseException:
+            self.iova_map.remove(m.iova)
+            raise
+        return m
+
+    def unmap(self, m):
+        self.iova_map.remove(m.iova)
+        self.dev.iotlb_invalidate(m.iova, m.size)
+
+    def unmap_all(self):
+        maps = list(self.iova_map) if self.iova_map is not None else []
+        if not maps:
+            return
+
+        def run():
+            for m in maps:
+                self.iova_map.remove(m.iova)
+                try:
+                    self.dev.iotlb_invalidate(m.iova, m.size)
+                except DeviceError:
+                    pass
+        self._batch(run)
+
+    def setup_vq(self, vq, num, desc, avail, used, kick_fd, call_fd, base=0):
+        """Per-queue setup in the kernel's order: num, base, addr, kick, call."""
+        self.dev.set_vring_num(vq, num)
+        self.dev.set_vring_base(vq, base)
+        self.dev.set_vring_addr(vq, desc, avail, used)
+        self.dev.set_vring_kick(vq, kick_fd)
+        self.dev.set_vring_call(vq, call_fd)
+
+    def start(self, vqs):
+        for vq in vqs:
+            self.dev.set_vring_enable(vq, True)
+            self.enabled_vqs.append(vq)
+        self.set_status(self.status | VIRTIO_CONFIG_S_DRIVER_OK)
+
+    def suspend(self):
+        if self.has_backend(VHOST_BACKEND_F_SUSPEND):
+            self.dev.suspend()
+            return True
+        return False
+
+    def reset(self):
+        if self.dev.fd >= 0:
+            try:
+                self.set_status(0)
+            except DeviceError:
+                pass
+        self.enabled_vqs = []
+
+    def close(self):
+        """Reset, unmap everything, close: safe to call twice."""
+        if self.dev.fd < 0:
+            return
+        try:
+            self.reset()
+            for vq in range(self.num_vqs if self.iova_map is not None else 0):
+                for setter in (self.dev.set_vring_kick, self.dev.set_vring_call):
+                    try:
+                        setter(vq, VHOST_FILE_UNBIND)
+                    except DeviceError:
+                        pass
+            self.unmap_all()
+        finally:
+            self.dev.close()
+
+
+# ============================================================================
+# Guest memory and dirty log
+# ============================================================================
+
+class GuestRegion:
+    __slots__ = ("gpa", "size", "end", "uaddr", "mem", "mv", "hva", "iova", "owned")
+
+    def __init__(self, gpa, size, mem, uaddr=None, owned=True):
+        self.gpa, self.size, self.end = gpa, size, gpa + size
+        self.uaddr = gpa if uaddr is None else uaddr   # frontend's own address
+        self.mem, self.mv, self.hva = mem, mem.mv, mem.hva
+        self.iova = None                               # set once mapped
+        self.owned = owned
+
+
+class GuestMemory:
+    """Guest-physical address space: sorted regions backed by shared mappings."""
+
+    def __init__(self, regions=()):
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        for a, b in zip(self.regions, self.regions[1:]):
+            if a.end > b.gpa:
+                raise SvqError("guest memory regions overlap at GPA %#x" % b.gpa)
+        self._starts = [r.gpa for r in self.regions]
+        self.size = max((r.end for r in self.regions), default=0)
+
+    @classmethod
+    def anonymous(cls, layout):
+        """[(gpa, size), ...] -> memory of fresh MAP_SHARED anonymous regions."""
+        return cls([GuestRegion(gpa, size, SharedMemory(size)) for gpa, size in layout])
+
+    def region(self, gpa):
+        i = bisect.bisect_right(self._starts, gpa) - 1
+        if i >= 0:
+            r = self.regions[i]
+            if gpa < r.end:
+                return r
+        return None
+
+    def view(self, gpa, size):
+        """memoryview of [gpa, gpa+size) or None when it is not all in one region."""
+        r = self.region(gpa)
+        if r is None or size < 0 or gpa + size > r.end:
+            return None
+        off = gpa - r.gpa
+        return r.mv[off:off + size]
+
+    def _pieces(self, gpa, size):
+        while size > 0:
+            r = self.region(gpa)
+            if r is None:
+                raise SvqError("guest address %#x is outside guest memory" % gpa)
+            n = min(size, r.end - gpa)
+            yield r, gpa - r.gpa, n
+            gpa += n
+            size -= n
+
+    def read(self, gpa, size):
+        """Bytes at [gpa, gpa+size), across region boundaries."""
+        return b"".join(bytes(r.mv[o:o + n]) for r, o, n in self._pieces(gpa, size))
+
+    def write(self, gpa, data):
+        done = 0
+        for r, o, n in self._pieces(gpa, len(data)):
+            r.mv[o:o + n] = data[done:done + n]
+            done += n
+
+    def region_by_uaddr(self, uaddr, size):
+        for r in self.regions:
+            if r.uaddr <= uaddr and uaddr + size <= r.uaddr + r.size:
+                return r
+        return None
+
+    def close(self):
+        for r in self.regions:
+            if r.owned:
+                r.mem.close()
+
+
+class DirtyLog:
+    """One bit per 4 KiB guest page (vhost's log layout: bit n of byte n//8 is
+    page n).  The bitmap may be our own bytearray or the frontend's shared log.
+    Setting a bit is a plain read-modify-write: a concurrent clear by the
+    frontend can at worst leave a stale extra bit, never drop ours."""
+
+    def __init__(self, size_bytes=None, buf=None):
+        self.buf = buf if buf is not None else bytearray((size_bytes + 7) // 8)
+        self.limit = len(self.buf) * 8
+
+    def mark(self, gpa, length):
+        if length <= 0:
+            return
+        first = gpa >> PAGE_SHIFT
+        last = (gpa + length - 1) >> PAGE_SHIFT
+        if last >= self.limit:
+            last = self.limit - 1
+        buf = self.buf
+        for page in range(first, last + 1):
+            buf[page >> 3] |= 1 << (page & 7)
+
+    def pages(self):
+        return [i * 8 + b for i, byte in enumerate(self.buf) if byte
+                for b in range(8) if byte >> b & 1]
+
+    def count(self):
+        return sum(bin(b).count("1") for b in self.buf if b)
+
+    def clear(self):
+        self.buf[:] = bytes(len(self.buf))
+
+
+# ============================================================================
+# Split ring memory
+# ============================================================================
+
+class SplitRing:
+    """Views over one split ring's three parts: descriptor table, avail, used."""
+
+    def __init__(self, num, desc, avail, used):
+        if num < 1 or num > 32768 or num & (num - 1):
+            raise SvqError("queue size %d is not a power of two in [1, 32768]" % num)
+        self.num = num
+        self.desc, self.avail, self.used = desc, avail, used
+        if (len(desc) < vring_desc_size(num) or len(avail) < vring_avail_size(num)
+                or len(used) < vring_used_size(num)):
+            raise SvqError("ring of %d entries does not fit its memory" % num)
+        # Offsets of the event-index fields at the end of each ring.
+        self.used_event_off = 4 + 2 * num      # in avail: used_event
+        self.avail_event_off = 4 + 8 * num     # in used: avail_event
+
+    @staticmethod
+    def layout(num):
+        """(total, desc_off, avail_off, used_off): desc+avail in the first pages,
+        used in its own pages (the device writes only those)."""
+        avail_off = vring_desc_size(num)
+        used_off = page_align_up(avail_off + vring_avail_size(num))
+        return used_off + page_align_up(vring_used_size(num)), 0, avail_off, used_off
+
+
+# ============================================================================
+# Shadow virtqueue
+# ============================================================================
+
+class ShadowVirtqueue:
+    """QEMU's VhostShadowVirtqueue, in Python.
+
+    Guest side: the guest's split ring in guest memory; svq.py plays the device
+    for it (reads avail, writes used, notifies through guest_call_fd).
+    Device side: a shadow split ring in svq.py's own shared memory, mapped into
+    the device's IOVA space; svq.py plays the driver for it.
+
+    The free list of shadow descriptors, and everything needed to complete a
+    chain, are kept privately: nothing read back from shared memory (the
+    device's or the guest's) is trusted as an index or a length."""
+
+    def __init__(self, index, guest_mem, guest_ring, shadow_ring, shadow_iova,
+                 guest_features, device_features, guest_kick_fd, guest_call_fd,
+                 device_kick_fd, device_call_fd, log=None, log_used_gpa=None,
+                 guest_used_idx=0, last_avail_idx=0, stats=None):
+        self.index = index
+        self.mem = guest_mem
+        self.guest = guest_ring
+        self.shadow = shadow_ring
+        self.shadow_iova = shadow_iova          # (desc, avail, used) IOVAs
+        self.num = guest_ring.num
+        if shadow_ring.num < guest_ring.num:
+            raise SvqError("shadow ring smaller than the guest ring")
+        self.snum = shadow_ring.num
+        self.guest_event_idx = bool(guest_features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.guest_indirect = bool(guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        self.device_event_idx = bool(device_features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.guest_kick_fd, self.guest_call_fd = guest_kick_fd, guest_call_fd
+        self.device_kick_fd, self.device_call_fd = device_kick_fd, device_call_fd
+        self.log = log
+        self.log_used_gpa = log_used_gpa        # GPA of the guest used ring
+        # Guest side indexes.
+        self.last_avail_idx = last_avail_idx & 0xffff
+        self.guest_used_idx = guest_used_idx & 0xffff
+        # Device side (QEMU names).
+        self.shadow_avail_idx = 0
+        self.shadow_used_idx = 0                # last used idx read from device
+        self.last_used_idx = 0
+        snum = self.snum
+        self.free_head = 0
+        self.num_free = snum
+        self.desc_next = list(range(1, snum)) + [0]   # private free list
+        # desc_state, per shadow head: guest head (or -1 when free), the last
+        # slot of the chain, descriptor count, writable bytes offered and the
+        # GPA of the first writable byte if the writable part is contiguous
+        # (-2 when none, -1 when scattered).
+        self.desc_state = [-1] * snum
+        self.desc_last = [0] * snum
+        self.desc_count = [0] * snum
+        self.desc_wlen = [0] * snum
+        self.desc_wgpa = [-2] * snum
+        self.desc_gpa = [0] * snum              # per slot, for scattered logs
+        self.desc_len = [0] * snum
+        self.desc_flags = [0] * snum
+        self.in_flight = 0
+        self.broken = None
+        self.stats = stats if stats is not None else SvqStats()
+        # Start with device calls enabled and guest kicks enabled.
+        self._set_used_flags(self.guest.used, 0)
+        _U16.pack_into(self.shadow.avail, 0, 0)
+        _U16.pack_into(self.shadow.avail, 2, 0)
+
+    # -- notification helpers --
+    @staticmethod
+    def _set_used_flags(used, flags):
+        _U16.pack_into(used, 0, flags)
+
+    def _guest_disable_kicks(self):
+        if not self.guest_event_idx:
+            _U16.pack_into(self.guest.used, 0, VRING_USED_F_NO_NOTIFY)
+
+    def _guest_enable_kicks(self):
+        """Re-arm guest kicks; True if the avail ring is still empty."""
+        if self.guest_event_idx:
+            _U16.pack_into(self.guest.used, self.guest.avail_event_off, self.last_avail_idx)
+        else:
+            _U16.pack_into(self.guest.used, 0, 0)
+        # Full barrier: the flag/event store above must be visible before we
+        # load the avail index again, or a guest that read the old flag and
+        # skipped its kick would strand a buffer (store-load, not TSO-ordered).
+        smp_mb()
+        return _U16.unpack_from(self.guest.avail, 2)[0] == self.last_avail_idx
+
+    def _device_disable_calls(self):
+        if not self.device_event_idx:
+            _U16.pack_into(self.shadow.avail, 0, VRING_AVAIL_F_NO_INTERRUPT)
+
+    def _device_enable_calls(self):
+        """Re-arm device calls; True if no used entry is pending."""
+        if self.device_event_idx:
+            _U16.pack_into(self.shadow.avail, self.shadow.used_event_off, self.last_used_idx)
+        else:
+            _U16.pack_into(self.shadow.avail, 0, 0)
+        # Full barrier: publish the flag before re-reading used idx (store-load).
+        smp_mb()
+        return _U16.unpack_from(self.shadow.used, 2)[0] == self.last_used_idx
+
+    def _fail(self, side, idx, what):
+        err = RingError(side, self.index, idx, what)
+        self.broken = err
+        raise err
+
+    # -- guest -> device --
+    def add(self, head):
+        """Copy the guest chain at `head` into the shadow ring.  Returns False
+        (nothing consumed) when the shadow ring has too few free descriptors."""
+        num = self.num
+        mem_region = self.mem.region
+        table = self.guest.desc
+        table_n = num
+        desc_next = self.desc_next
+        desc_gpa, desc_len, desc_flags = self.desc_gpa, self.desc_len, self.desc_flags
+        sdesc = self.shadow.desc
+        pack_desc = _DESC.pack_into
+        unpack_desc = _DESC.unpack_from
+        first = slot = self.free_head
+        last = -1
+        avail = self.num_free
+        taken = 0
+        wlen = 0
+        wgpa = -2
+        wend = 0
+        seen_write = False
+        indirect = False
+        i = head
+        hops = 0
+        while True:
+            if i >= table_n:
+                self._fail("guest", self.last_avail_idx,
+                           "descriptor index %d out of range (head %d)" % (i, head))
+            addr, length, flags, nxt = unpack_desc(table, i * 16)
+            hops += 1
+            if hops > table_n:
+                self._fail("guest", self.last_avail_idx,
+                           "descriptor chain from head %d loops or is longer than the ring" % head)
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect or not self.guest_indirect:
+                    self._fail("guest", self.last_avail_idx,
+                               "indirect descriptor %s (head %d)" % (
+                                   "nested" if indirect else "not negotiated", head))
+                if length == 0 or length % 16 or flags & VRING_DESC_F_NEXT:
+                    self._fail("guest", self.last_avail_idx,
+                               "bad indirect table length %d (head %d)" % (length, head))
+                view = self.mem.view(addr, length)
+                if view is None:
+                    self._fail("guest", self.last_avail_idx,
+                               "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
+                table, table_n, i, hops, indirect = view, length // 16, 0, 0, True
+                continue
+            write = flags & VRING_DESC_F_WRITE
+            if write:
+                seen_write = True
+            elif seen_write:
+                self._fail("guest", self.last_avail_idx,
+                           "device-readable descriptor after a writable one (head %d)" % head)
+            # Translate GPA -> IOVA, one shadow descriptor per region crossed.
+            end = addr + length
+            if end > 0xffffffffffffffff:
+                self._fail("guest", self.last_avail_idx, "descriptor length overflows")
+            if write:
+                if wgpa == -2:
+                    wgpa, wend = addr, end
+                elif wgpa >= 0 and addr == wend:
+                    wend = end
+                else:
+                    wgpa = -1
+                wlen += length
+            while True:
+                r = mem_region(addr)
+                if r is None or r.iova is None:
+                    self._fail("guest", self.last_avail_idx,
+                               "buffer [%#x, +%#x) outside guest memory (head %d)"
+                               % (addr, length, head))
+                piece = end - addr
+                if addr + piece > r.end:
+                    piece = r.end - addr
+                if taken == avail:
+                    if taken + 1 > self.snum:
+                        self._fail("guest", self.last_avail_idx,
+                                   "chain needs more descriptors than the shadow ring has")
+                    return False            # park: retried when used entries free slots
+                nslot = desc_next[slot]
+                pack_desc(sdesc, slot * 16, r.iova + (addr - r.gpa), piece,
+                          write | VRING_DESC_F_NEXT, nslot)
+                desc_gpa[slot] = addr
+                desc_len[slot] = piece
+                desc_flags[slot] = write
+                taken += 1
+                last = slot
+                slot = nslot
+                addr += piece
+                if addr >= end:
+                    break
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            i = nxt
+        if taken == 0:
+            self._fail("guest", self.last_avail_idx, "empty chain (head %d)" % head)
+        # Terminate the shadow chain: rewrite the last descriptor's flags.
+        _U16.pack_into(sdesc, last * 16 + 12, desc_flags[last])
+        self.free_head = slot
+        self.num_free = avail - taken
+        self.desc_state[first] = head
+        self.desc_last[first] = last
+        self.desc_count[first] = taken
+        self.desc_wlen[first] = wlen
+        self.desc_wgpa[first] = wgpa
+        sidx = self.shadow_avail_idx
+        _U16.pack_into(self.shadow.avail, 4 + (sidx & (self.snum - 1)) * 2, first)
+        self.shadow_avail_idx = (sidx + 1) & 0xffff
+        self.in_flight += 1
+        return True
+
+    def forward_avail(self):
+        """Drain the guest avail ring into the shadow ring; True if anything was
+        added.  Stops early (parks) when the shadow ring is full."""
+        added = 0
+        avail = self.guest.avail
+        mask = self.num - 1
+        while True:
+            self._guest_disable_kicks()
+            avail_idx = _U16.unpack_from(avail, 2)[0]
+            # Read barrier: the avail index before the ring entries it covers.
+            smp_rmb()
+            pending = (avail_idx - self.last_avail_idx) & 0xffff
+            if pending > self.num:
+                self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
+                           % (pending, self.num))
+            while self.last_avail_idx != avail_idx:
+                head = _U16.unpack_from(avail, 4 + (self.last_avail_idx & mask) * 2)[0]
+                if head >= self.num:
+                    self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
+                if not self.add(head):
+                    self.stats.parked += 1
+                    return self._publish_avail(added)
+                self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
+                added += 1
+            if self._guest_enable_kicks():
+                break
+        return self._publish_avail(added)
+
+    def _publish_avail(self, added):
+        if not added:
+            return False
+        old = (self.shadow_avail_idx - added) & 0xffff
+        # Write barrier: descriptors and avail entries before the avail index.
+        smp_wmb()
+        _U16.pack_into(self.shadow.avail, 2, self.shadow_avail_idx)
+        self.kick(old)
+        return True
+
+    def kick(self, old_idx):
+        """Notify the device unless it asked not to be (NO_NOTIFY/avail_event)."""
+        # Full barrier: the avail index store must be visible before we read
+        # the device's suppression flag, or we could skip a needed kick.
+        smp_mb()
+        if self.device_event_idx:
+            event = _U16.unpack_from(self.shadow.used, self.shadow.avail_event_off)[0]
+            needed = vring_need_event(event, self.shadow_avail_idx, old_idx)
+        else:
+            needed = not _U16.unpack_from(self.shadow.used, 0)[0] & VRING_USED_F_NO_NOTIFY
+        if needed:
+            os.write(self.device_kick_fd, _EVENTFD_ONE)
+            self.stats.device_kicks += 1
+
+    def handle_guest_kick(self):
+        eventfd_drain(self.guest_kick_fd)
+        self.stats.guest_kicks += 1
+        if self.broken is None:
+            self.forward_avail()
+
+    # -- device -> guest --
+    def get_buf(self):
+        """Read one used entry from the shadow ring; returns (guest_head, len)
+        with the shadow chain returned to the free list, or None."""
+        if self.last_used_idx == self.shadow_used_idx:
+            self.shadow_used_idx = _U16.unpack_from(self.shadow.used, 2)[0]
+            # Read barrier: the used index before the entries it publishes.
+            smp_rmb()
+            if ((self.shadow_used_idx - self.last_used_idx) & 0xffff) > self.in_flight:
+                self._fail("device", self.shadow_used_idx,
+                           "used index moved by %d with %d requests in flight"
+                           % ((self.shadow_used_idx - self.last_used_idx) & 0xffff,
+                              self.in_flight))
+            if self.last_used_idx == self.shadow_used_idx:
+                return None
+        sid, length = _USED_ELEM.unpack_from(
+            self.shadow.used, 4 + (self.last_used_idx & (self.snum - 1)) * 8)
+        if sid >= self.snum or self.desc_state[sid] < 0:
+            self._fail("device", self.last_used_idx, "used id %d was never made available" % sid)
+        if length > self.desc_wlen[sid]:
+            self._fail("device", self.last_used_idx, "used length %d beyond the %d writable bytes"
+                       % (length, self.desc_wlen[sid]))
+        head = self.desc_state[sid]
+        if self.log is not None and length:
+            self._log_written(sid, length)
+        # Return the chain to the private free list in one splice.
+        self.desc_next[self.desc_last[sid]] = self.free_head
+        self.free_head = sid
+        self.num_free += self.desc_count[sid]
+        self.desc_state[sid] = -1
+        self.in_flight -= 1
+        self.last_used_idx = (self.last_used_idx + 1) & 0xffff
+        return head, length
+
+    def _log_written(self, sid, length):
+        wgpa = self.desc_wgpa[sid]
+        if wgpa >= 0:
+            self.log.mark(wgpa, length)
+            return
+        slot = sid
+        for _ in range(self.desc_count[sid]):       # scattered writable buffers
+            if self.desc_flags[slot]:
+                n = min(length, self.desc_len[slot])
+                self.log.mark(self.desc_gpa[slot], n)
+                length -= n
+                if not length:
+                    return
+            slot = self.desc_next[slot]
+
+    def flush(self):
+        """Move every used entry the device produced into the guest used ring,
+        then notify the guest once.  Returns how many were moved."""
+        moved = 0
+        gused = self.guest.used
+        gmask = self.num - 1
+        pack_used = _USED_ELEM.pack_into
+        log = self.log
+        old_used = self.guest_used_idx
+        while True:
+            self._device_disable_calls()
+            while True:
+                elem = self.get_buf()
+                if elem is None:
+                    break
+                idx = self.guest_used_idx
+                off = 4 + (idx & gmask) * 8
+                pack_used(gused, off, elem[0], elem[1])
+                if log is not None:
+                    log.mark(self.log_used_gpa + off, 8)
+                self.guest_used_idx = (idx + 1) & 0xffff
+                moved += 1
+            if self._device_enable_calls():
+                break
+        if moved:
+            # Write barrier: used entries before the used index the guest polls.
+            smp_wmb()
+            _U16.pack_into(gused, 2, self.guest_used_idx)
+            if log is not None:
+                log.mark(self.log_used_gpa + 2, 2)
+            self.notify_guest(old_used)
+        return moved
+
+    def notify_guest(self, old_used):
+        # Full barrier: used index store before reading the guest's
+        # suppression flag / used_event (store-load).
+        smp_mb()
+        if self.guest_event_idx:
+            event = _U16.unpack_from(self.guest.avail, self.guest.used_event_off)[0]
+            needed = vring_need_event(event, self.guest_used_idx, old_used)
+        else:
+            needed = not _U16.unpack_from(self.guest.avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
+        if needed:
+            os.write(self.guest_call_fd, _EVENTFD_ONE)
+            self.stats.guest_calls += 1
+
+    def handle_device_call(self):
+        eventfd_drain(self.device_call_fd)
+        self.stats.device_calls += 1
+        if self.broken is not None:
+            return
+        self.flush()
+        # Used entries freed shadow descriptors: resume a parked guest chain.
+        if self.num_free and self.last_avail_idx != _U16.unpack_from(self.guest.avail, 2)[0]:
+            self.forward_avail()
+
+
+class SvqStats:
+    __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked")
+
+    def __init__(self):
+        self.guest_kicks = self.device_kicks = self.device_calls = 0
+        self.guest_calls = self.parked = 0
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+# ============================================================================
+# Event loop
+# ============================================================================
+
+class EventLoop:
+    """One selectors loop over eventfds, a periodic timer, and SIGINT/SIGTERM
+    turned into an orderly stop (signal.set_wakeup_fd wakes the select)."""
+
+    def __init__(self):
+        self.sel = selectors.DefaultSelector()
+        self.stop_signal = None
+        self.stopped = False
+        self._wake = None
+        self._old = {}
+
+    def add_reader(self, fd, callback):
+        self.sel.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd):
+        try:
+            self.sel.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    def install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        self._wake = (r, w)
+        self._old["wakeup"] = signal.set_wakeup_fd(w.fileno())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._on_signal)
+        self.add_reader(r.fileno(), self._drain_wake)
+
+    def _on_signal(self, signum, frame):
+        self.stop_signal = signum
+        self.stopped = True
+
+    def _drain_wake(self):
+        try:
+            self._wake[0].recv(64)
+        except OSError:
+            pass
+
+    def stop(self):
+        self.stopped = True
+
+    def run(self, deadline=None, tick=None, tick_interval=0.25):
+        next_tick = time.monotonic() + tick_interval
+        select = self.sel.select
+        while not self.stopped:
+            now = time.monotonic()
+            timeout = next_tick - now if tick else None
+            if deadline is not None:
+                if now >= deadline:
+                    break
+                timeout = min(timeout, deadline - now) if timeout is not None else deadline - now
+            for key, _ in select(max(timeout, 0) if timeout is not None else None):
+                key.data()
+                if self.stopped:
+                    break
+            if tick and time.monotonic() >= next_tick:
+                tick()
+                next_tick = time.monotonic() + tick_interval
+
+    def close(self):
+        if self._wake:
+            signal.set_wakeup_fd(self._old.pop("wakeup", -1))
+            for sig, handler in self._old.items():
+                signal.signal(sig, handler)
+            self._old = {}
+            for s in self._wake:
+                s.close()
+            self._wake = None
+        self.sel.close()
+
+
+# ============================================================================
+# Built-in driver: svq.py plays the guest
+# ============================================================================
+
+class DriverVirtqueue:
+    """The driver side of a split ring in guest memory, as a guest kernel's
+    virtio_ring would run it: private free list, avail publishing, kick
+    suppression honoured, used entries consumed in order."""
+
+    def __init__(self, index, mem, num, ring_gpa, features, kick_fd, call_fd,
+                 indirect_gpa=None, indirect_max=0):
+        self.index, self.mem, self.num = index, mem, num
+        total, doff, aoff, uoff = SplitRing.layout(num)
+        self.desc_gpa, self.avail_gpa, self.used_gpa = ring_gpa + doff, ring_gpa + aoff, ring_gpa + uoff
+        view = mem.view(ring_gpa, total)
+        if view is None:
+            raise SvqError("driver ring vq %d outside guest memory" % index)
+        view[:] = bytes(total)
+        self.ring = SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1) and indirect_gpa is not None
+        self.indirect_gpa, self.indirect_max = indirect_gpa, indirect_max
+        if self.indirect:
+            self.indirect_view = mem.view(indirect_gpa, num * indirect_max * 16)
+        self.kick_fd, self.call_fd = kick_fd, call_fd
+        self.free_head, self.num_free = 0, num
+        self.desc_next = list(range(1, num)) + [0]
+        self.chain_len = [0] * num
+        self.tokens = [None] * num
+        self.avail_idx = 0
+        self.kicked_idx = 0
+        self.last_used_idx = 0
+        self.kicks = 0
+
+    def add(self, bufs, token):
+        """Queue one chain of (gpa, len, writable) buffers; False if full."""
+        n = len(bufs)
+        use_indirect = self.indirect and 1 < n <= self.indirect_max
+        need = 1 if use_indirect else n
+        if need > self.num_free:
+            return False
+        head = self.free_head
+        desc = self.ring.desc
+        if use_indirect:
+            base = head * self.indirect_max * 16
+            tbl = self.indirect_view
+            for i, (gpa, length, write) in enumerate(bufs):
+                flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
+                _DESC.pack_into(tbl, base + i * 16, gpa, length, flags, i + 1)
+            _DESC.pack_into(desc, head * 16, self.indirect_gpa + base, n * 16,
+                            VRING_DESC_F_INDIRECT, 0)
+            slot = self.desc_next[head]
+        else:
+            slot = head
+            for i, (gpa, length, write) in enumerate(bufs):
+                nxt = self.desc_next[slot]
+                flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
+                _DESC.pack_into(desc, slot * 16, gpa, length, flags, nxt)
+                slot = nxt
+        self.free_head = slot
+        self.num_free -= need
+        self.chain_len[head] = need
+        self.tokens[head] = token
+        _U16.pack_into(self.ring.avail, 4 + (self.avail_idx & (self.num - 1)) * 2, head)
+        self.avail_idx = (self.avail_idx + 1) & 0xffff
+        return True
+
+    def kick(self):
+        """Publish new avail entries and notify the device if it wants it."""
+        if self.avail_idx == self.kicked_idx:
+            return
+        old, self.kicked_idx = self.kicked_idx, self.avail_idx
+        # Write barrier: descriptors and ring entries before the avail index.
+        smp_wmb()
+        _U16.pack_into(self.ring.avail, 2, self.avail_idx)
+        # Full barrier: avail index store before reading NO_NOTIFY/avail_event.
+        smp_mb()
+        if self.event_idx:
+            event = _U16.unpack_from(self.ring.used, self.ring.avail_event_off)[0]
+            needed = vring_need_event(event, self.avail_idx, old)
+        else:
+            needed = not _U16.unpack_from(self.ring.used, 0)[0] & VRING_USED_F_NO_NOTIFY
+        if needed:
+            os.write(self.kick_fd, _EVENTFD_ONE)
+            self.kicks += 1
+
+    def get_used(self):
+        """(token, len) of the next used entry, or None."""
+        if self.last_used_idx == _U16.unpack_from(self.ring.used, 2)[0]:
+            return None
+        # Read barrier: used index before the entry.
+        smp_rmb()
+        head, length = _USED_ELEM.unpack_from(
+            self.ring.used, 4 + (self.last_used_idx & (self.num - 1)) * 8)
+        if head >= self.num or self.tokens[head] is None:
+            raise RingError("driver", self.index, self.last_used_idx,
+                            "used id %d is not in flight" % head)
+        token = self.tokens[head]
+        self.tokens[head] = None
+        slot = head
+        for _ in range(self.chain_len[head] - 1):
+            slot = self.desc_next[slot]
+        self.desc_next[slot] = self.free_head
+        self.free_head = head
+        self.num_free += self.chain_len[head]
+        self.last_used_idx = (self.last_used_idx + 1) & 0xffff
+        return token, length
+
+    def enable_cb(self):
+        """Ask for a call on the next used entry; True if none is pending."""
+        if self.event_idx:
+            _U16.pack_into(self.ring.avail, self.ring.used_event_off, self.last_used_idx)
+        # Full barrier: used_event store before re-reading the used index.
+        smp_mb()
+        return self.last_used_idx == _U16.unpack_from(self.ring.used, 2)[0]
+
+
+class LatencyHistogram:
+    """Log-linear histogram of nanoseconds, 8 sub-buckets per power of two."""
+
+    def __init__(self):
+        self.counts = [0] * 520
+        self.n = 0
+
+    def record(self, ns):
+        b = ns.bit_length()
+        self.counts[(b << 3) | ((ns >> (b - 4)) & 7) if b > 3 else ns] += 1
+        self.n += 1
+
+    def percentile(self, p):
+        if not self.n:
+            return 0
+        want = max(1, int(self.n * p / 100.0 + 0.5))
+        seen = 0
+        for idx, c in enumerate(self.counts):
+            seen += c
+            if seen >= want:
+                if idx < 32:
+                    return idx
+                b, sub = idx >> 3, idx & 7
+                return (8 | sub) << (b - 4)
+        return 0
+
+
+class RunStats:
+    def __init__(self):
+        self.requests = 0
+        self.bytes = 0
+        self.errors = 0
+        self.error_lines = []
+        self.latency = LatencyHistogram()
+
+    def error(self, msg):
+        self.errors += 1
+        if len(self.error_lines) < 10:
+            self.error_lines.append(msg)
+
+
+_PATTERN = bytes((i * 7 + 3) & 0xff for i in range(8192))
+
+
+class Driver:
+    """Common part of the built-in net and blk drivers."""
+    queue_count = 1
+
+    def __init__(self, dev_type, config, features, num, count, size, write, run_id):
+        self.dev_type, self.config, self.features = dev_type, config, features
+        self.num, self.count, self.size, self.write = num, count, size, write
+        self.run_id = run_id
+        self.stats = RunStats()
+        self.queues = []
+        self.stopping = False
+        self.info = {}
+
+    def attach(self, queues):
+        self.queues = queues
+
+    def done(self):
+        return self.count is not None and self.stats.requests >= self.count
+
+    def idle(self):
+        return all(q.num_free == q.num for q in self.queues)
+
+    def memory_needed(self):
+        raise NotImplementedError
+
+    def handle_call(self, q):
+        eventfd_drain(q.call_fd)
+        while True:
+            while True:
+                elem = q.get_used()
+                if elem is None:
+                    break
+                self.complete(q, elem[0], elem[1])
+            if q.enable_cb():
+                break
+        self.refill()
+
+
+class NetDriver(Driver):
+    """Sends frames to the device's MAC (TX, vq 1) and checks that every one
+    comes back intact and in order on RX (vq 0): vdpa_sim_net loops TX to RX."""
+    queue_count = 2
+    ETHERTYPE = 0x88B5                      # IEEE local experimental
+    HDR = struct.Struct("<6s6sHQIIH")       # dst, src, type, seq, run, crc, plen
+    SRC_MAC = b"\x02\x53\x56\x51\x00\x01"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        mac = self.config.get("mac")
+        self.dst = bytes(int(x, 16) for x in mac.split(":")) if mac else b"\xff" * 6
+        self.mtu = self.config.get("mtu", 1500)
+        maxframe = min(self.mtu + 14, PAGE_SIZE - VIRTIO_NET_HDR_SIZE)
+        minframe = self.HDR.size
+        if self.size:
+            if not minframe <= self.size <= maxframe:
+                raise UsageError("--size for net is a frame size in [%d, %d]" % (minframe, maxframe))
+            self.sizes = [self.size]
+        else:
+            self.sizes = sorted({s for s in (64, 128, 256, 512, 1024, 1514, maxframe) if s <= maxframe})
+        self.buf_size = VIRTIO_NET_HDR_SIZE + maxframe
+        self.next_seq = 0
+        self.expect_seq = 0
+        self.sent_at = {}
+        self.rx_posted = 0
+
+    def memory_needed(self):
+        slot = page_align_up(self.buf_size) if self.buf_size > 2048 else 2048
+        return 2 * self.num * slot + 2 * PAGE_SIZE
+
+    def setup_buffers(self, mem, base):
+        slot = page_align_up(self.buf_size) if self.buf_size > 2048 else 2048
+        self.rx_gpa = [base + i * slot for i in range(self.num)]
+        tx_base = base + self.num * slot
+        self.tx_gpa = [tx_base + i * slot for i in range(self.num)]
+        self.mem = mem
+        self.scratch = bytearray(self.buf_size)
+
+    def frame_size(self, seq):
+        return self.sizes[seq % len(self.sizes)]
+
+    def start(self):
+        rx = self.queues[0]
+        for i in range(self.num):
+            rx.add([(self.rx_gpa[i], self.buf_size, True)], i)
+        self.rx_posted = self.num
+        rx.kick()
+        self.refill()
+
+    def refill(self):
+        if self.stopping:
+            return
+        tx = self.queues[1]
+        inflight_limit = self.num - 1
+        added = False
+        while (self.next_seq - self.expect_seq < inflight_limit and tx.num_free >= 2
+               and (self.count is None or self.next_seq < self.count)):
+            seq = self.next_seq
+            slot = seq % self.num
+            gpa = self.tx_gpa[slot]
+            size = self.frame_size(seq)
+            plen = size - self.HDR.size
+            poff = seq % 251
+            payload = _PATTERN[poff:poff + plen]
+            frame = self.scratch
+            self.HDR.pack_into(frame, VIRTIO_NET_HDR_SIZE, self.dst, self.SRC_MAC,
+                               self.ETHERTYPE, seq, self.run_id, zlib.crc32(payload), plen)
+            h = VIRTIO_NET_HDR_SIZE + self.HDR.size
+            frame[h:h + plen] = payload
+            self.mem.write(gpa, memoryview(frame)[:VIRTIO_NET_HDR_SIZE + size])
+            if not tx.add([(gpa, VIRTIO_NET_HDR_SIZE, False),
+                           (gpa + VIRTIO_NET_HDR_SIZE, size, False)], seq):
+                break
+            self.sent_at[seq] = time.perf_counter_ns()
+            self.next_seq += 1
+            added = True
+        if added:
+            tx.kick()
+
+    def complete(self, q, token, length):
+        if q.index == 1:                    # TX done: nothing to check
+            return
+        now = time.perf_counter_ns()
+        st = self.stats
+        gpa = self.rx_gpa[token]
+        view = self.mem.read(gpa, min(length, self.buf_size))
+        seq = self.expect_seq
+        size = self.frame_size(seq)
+        h = VIRTIO_NET_HDR_SIZE
+        if length < h + self.HDR.size:
+            st.error("rx frame %d: short frame of %d bytes" % (seq, length))
+        else:
+            dst, src, etype, rseq, run, crc, plen = self.HDR.unpack_from(view, h)
+            payload = view[h + self.HDR.size:]
+            if (dst, src, etype, run) != (self.dst, self.SRC_MAC, self.ETHERTYPE, self.run_id):
+                st.error("rx frame: foreign frame (type %#x run %#x)" % (etype, run))
+            elif rseq != seq:
+                st.error("rx frame: sequence %d where %d was expected" % (rseq, seq))
+            elif length != h + size or plen != size - self.HDR.size:
+                st.error("rx frame %d: %d bytes, expected %d" % (seq, length, h + size))
+            elif zlib.crc32(payload) != crc or payload != _PATTERN[seq % 251:seq % 251 + plen]:
+                st.error("rx frame %d: payload corrupted" % seq)
+        t0 = self.sent_at.pop(seq, None)
+        if t0 is not None:
+            st.latency.record(now - t0)
+        st.requests += 1
+        st.bytes += size
+        self.expect_seq = seq + 1
+        q.add([(gpa, self.buf_size, True)], token)     # repost the buffer
+        q.kick()
+
+    def idle(self):
+        return self.next_seq == self.expect_seq
+
+
+class BlkDriver(Driver):
+    """Reads (and with --write, writes then reads back) blocks stamped with
+    their LBA and the run id; GET_ID first, FLUSH at the end."""
+    HDR = struct.Struct("<IIQ")             # virtio_blk_outhdr: type, ioprio, sector
+    STAMP = struct.Struct("<8sQQ")          # magic, run id, lba
+    MAGIC = b"SVQBLK01"
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        cfg = self.config
+        self.capacity = cfg.get("capacity", 0)
+        self.size = self.size or 4096
+        if self.size % SECTOR_SIZE:
+            raise UsageError("--size for blk must be a multiple of %d" % SECTOR_SIZE)
+        size_max = cfg.get("size_max") or (1 << 32) - 1
+        seg_max = cfg.get("seg_max") or 1 << 16
+        self.seg_size = min(size_max, PAGE_SIZE * 16)
+        self.nsegs = -(-self.size // self.seg_size)
+        if self.nsegs > seg_max:
+            raise UsageError("--size %d needs %d segments; the device takes %d of %d bytes"
+                             % (self.size, self.nsegs, seg_max, size_max))
+        self.sectors = self.size // SECTOR_SIZE
+        if self.capacity < self.sectors:
+            raise UsageError("device capacity %d sectors is smaller than one request" % self.capacity)
+        indirect = self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1
+        self.depth = max(1, self.num // (1 if indirect else self.nsegs + 2))
+        self.depth = min(self.depth, 64)
+        self.span = self.capacity - self.capacity % self.sectors
+        self.next_lba = 0
+        self.issued = 0
+        self.flushed = None
+        self.device_id_str = None
+        if self.write and self.features >> VIRTIO_BLK_F_RO & 1:
+            raise UsageError("--write on a read-only device")
+
+    def memory_needed(self):
+        return self.depth * (page_align_up(self.size) * 2 + 64) + 3 * PAGE_SIZE
+
+    def setup_buffers(self, mem, base):
+        self.mem = mem
+        self.scratch = bytearray(self.size)
+        data_sz = page_align_up(self.size)
+        self.data_gpa = [base + i * 2 * data_sz for i in range(self.depth)]
+        self.check_gpa = [g + data_sz for g in self.data_gpa]
+        meta = base + self.depth * 2 * data_sz
+        self.hdr_gpa = [meta + i * 32 for i in range(self.depth + 1)]
+        self.status_gpa = [g + 16 for g in self.hdr_gpa]
+        self.id_gpa = meta + (self.depth + 1) * 32
+        self.slot_state = [None] * self.depth   # (kind, lba, t0)
+        self.free_slots = list(range(self.depth - 1, -1, -1))
+
+    @classmethod
+    def fill_sector_pattern(cls, buf, off, run_id, lba):
+        cls.STAMP.pack_into(buf, off, cls.MAGIC, run_id, lba)
+        p = (lba * 13) % 251
+        buf[off + 24:off + SECTOR_SIZE] = _PATTERN[p:p + SECTOR_SIZE - 24]
+
+    @classmethod
+    def sector_pattern(cls, run_id, lba):
+        """The 512 bytes svq.py writes at `lba` in run `run_id` (for checking images)."""
+        buf = bytearray(SECTOR_SIZE)
+        cls.fill_sector_pattern(buf, 0, run_id, lba)
+        return bytes(buf)
+
+    def _segments(self, gpa, length, write):
+        return [(gpa + o, min(self.seg_size, length - o), write)
+                for o in range(0, length, self.seg_size)]
+
+    def _submit(self, slot, kind, lba, data_gpa=None, length=0, verify=False):
+        q = self.queues[0]
+        self.mem.write(self.hdr_gpa[slot], self.HDR.pack(kind, 0, lba) + b"\xff")
+        bufs = [(self.hdr_gpa[slot], 16, False)]
+        if length:
+            bufs += self._segments(data_gpa, length, kind != VIRTIO_BLK_T_OUT)
+        bufs.append((self.status_gpa[slot], 1, True))
+        if not q.add(bufs, slot):
+            return False
+        self.slot_state[slot] = (kind, lba, length, verify, time.perf_counter_ns())
+        return True
+
+    def start(self):
+        # GET_ID first; the load starts when it completes.
+        self.get_id_pending = True
+        slot = self.free_slots.pop()
+        self._submit(slot, VIRTIO_BLK_T_GET_ID, 0, self.id_gpa, VIRTIO_BLK_ID_BYTES)
+        self.queues[0].kick()
+
+    def refill(self):
+        q = self.queues[0]
+        added = False
+        while self.free_slots and not self.stopping and not self.get_id_pending:
+            if self.count is not None and self.issued >= self.count:
+                break
+            slot = self.free_slots.pop()
+            lba = self.next_lba
+            self.next_lba = (lba + self.sectors) % self.span
+            if self.write:
+                data = self.scratch
+                for s in range(self.sectors):
+                    self.fill_sector_pattern(data, s * SECTOR_SIZE, self.run_id, lba + s)
+                self.mem.write(self.data_gpa[slot], data)
+                ok = self._submit(slot, VIRTIO_BLK_T_OUT, lba, self.data_gpa[slot], self.size)
+            else:
+                ok = self._submit(slot, VIRTIO_BLK_T_IN, lba, self.check_gpa[slot], self.size)
+            if not ok:
+                self.free_slots.append(slot)
+                break
+            self.issued += 1
+            added = True
+        if added:
+            q.kick()
+
+    def complete(self, q, slot, length):
+        now = time.perf_counter_ns()
+        st = self.stats
+        kind, lba, size, verify, t0 = self.slot_state[slot]
+        self.slot_state[slot] = None
+        status = self.mem.read(self.status_gpa[slot], 1)[0]
+        what = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write",
+                VIRTIO_BLK_T_FLUSH: "flush", VIRTIO_BLK_T_GET_ID: "get-id"}[kind]
+        if kind == VIRTIO_BLK_T_GET_ID:
+            self.get_id_pending = False
+            if status == VIRTIO_BLK_S_OK:
+                raw = self.mem.read(self.id_gpa, VIRTIO_BLK_ID_BYTES)
+                self.device_id_str = raw.split(b"\0")[0].decode("ascii", "replace")
+            self.free_slots.append(slot)
+            return
+        if status != VIRTIO_BLK_S_OK:
+            st.error("%s at lba %d: status %d" % (what, lba, status))
+            self.free_slots.append(slot)
+            return
+        if kind == VIRTIO_BLK_T_FLUSH:
+            self.flushed = True
+            self.free_slots.append(slot)
+            return
+        # Used length: bytes the device wrote, data (reads) plus the status byte.
+        expect_len = 1 + (size if kind == VIRTIO_BLK_T_IN else 0)
+        if length != expect_len:
+            st.error("%s at lba %d: used length %d, expected %d" % (what, lba, length, expect_len))
+        st.latency.record(now - t0)
+        st.requests += 1
+        st.bytes += size
+        if kind == VIRTIO_BLK_T_OUT and not self.stopping:
+            # Read the block back into the check buffer; compare on completion.
+            if self._submit(slot, VIRTIO_BLK_T_IN, lba, self.check_gpa[slot], size, True):
+                q.kick()
+                return
+        if verify:
+            got = self.mem.read(self.check_gpa[slot], size)
+            want = self.mem.read(self.data_gpa[slot], size)
+            if got != want:
+                bad = next(i for i in range(0, size, SECTOR_SIZE)
+                           if got[i:i + SECTOR_SIZE] != want[i:i + SECTOR_SIZE])
+                st.error("lba %d: read back differs from what was written"
+                         % (lba + bad // SECTOR_SIZE))
+        self.free_slots.append(slot)
+
+    def finish(self):
+        """FLUSH after writing, if the device has a write cache to flush."""
+        if self.write and self.features >> VIRTIO_BLK_F_FLUSH & 1 and self.free_slots:
+            slot = self.free_slots.pop()
+            self._submit(slot, VIRTIO_BLK_T_FLUSH, 0)
+            self.queues[0].kick()
+            return True
+        return False
+
+    def idle(self):
+        return len(self.free_slots) == self.depth
+
+
+class BuiltinRun:
+    """Device + guest memory + (shadow) queues + built-in driver + loop."""
+
+    GUEST_BASE = 0x100000       # first guest-physical address (1 MiB)
+
+    def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
+                 size=None, write=False, indirect=True, event_idx=True, progress=None,
+                 opener=VhostVdpa):
+        self.path, self.direct = path, direct
+        self.count, self.seconds = count, seconds
+        self.progress = progress
+        self.fds = []
+        self.svqs = []
+        self.shadow_mems = []
+        self.mem = None
+        self.dev = None
+        self.loop = None
+        self.log = None
+        self.ring_errors = []
+        self.svq_stats = SvqStats()
+        self.run_id = int.from_bytes(os.urandom(4), "little")
+        try:
+            self._setup(queue_size, size, write, indirect, event_idx, opener)
+        except BaseException:
+            self.close()
+            raise
+
+    def _eventfd(self):
+        fd = eventfd()
+        self.fds.append(fd)
+        return fd
+
+    def _setup(self, queue_size, size, write, indirect, event_idx, opener):
+        self.dev = dev = VdpaDevice(self.path, opener)
+        if dev.device_id not in (VIRTIO_ID_NET, VIRTIO_ID_BLOCK):
+            raise SvqError("%s: device type %d is not supported by the built-in driver "
+                           "(net and blk are)" % (self.path, dev.device_id))
+        num = queue_size or min(256, dev.max_queue_size)
+        if num < 2 or num & (num - 1):
+            raise UsageError("--queue-size %d is not a power of two >= 2" % num)
+        if num > dev.max_queue_size:
+            raise UsageError("--queue-size %d is above the device maximum %d"
+                             % (num, dev.max_queue_size))
+        wanted = svq_device_features(dev.device_id)
+        driver_can = wanted | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if not event_idx:
+            driver_can &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
+        if not indirect:
+            driver_can &= ~(1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if self.direct:
+            device_features = dev.negotiate(driver_can)
+            guest_features = device_features
+        else:
+            device_features = dev.negotiate(wanted)
+            guest_features = (device_features | SVQ_GUEST_EXTRA_FEATURES) & driver_can
+        self.device_features, self.guest_features = device_features, guest_features
+        self.config = dev.config()
+        cls = NetDriver if dev.device_id == VIRTIO_ID_NET else BlkDriver
+        if write and cls is NetDriver:
+            raise UsageError("--write is for block devices")
+        self.driver = drv = cls(dev.type, self.config, guest_features, num, self.count,
+                                size, write, self.run_id)
+        nq = cls.queue_count
+        # Guest memory: rings and indirect tables, then buffers that start
+        # off-page so that one of them straddles the two regions' boundary.
+        ring_bytes = page_align_up(SplitRing.layout(num)[0])
+        ind_max = 8 + drv.queue_count + getattr(drv, "nsegs", 0)
+        ind_bytes = page_align_up(num * ind_max * 16)
+        rings_end = self.GUEST_BASE + nq * (ring_bytes + ind_bytes)
+        buf_base = rings_end + 512
+        total = page_align_up(buf_base + drv.memory_needed() - self.GUEST_BASE)
+        first = page_align_up((buf_base - self.GUEST_BASE) + drv.memory_needed() // 2)
+        first = min(first, total - PAGE_SIZE)
+        self.mem = mem = GuestMemory.anonymous([(self.GUEST_BASE, first),
+                                                (self.GUEST_BASE + first, total - first)])
+        if self.direct:
+            for r in mem.regions:                   # IOVA = GPA
+                dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa)
+                r.iova = r.gpa
+        else:
+            for r in mem.regions:
+                r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+            self.log = DirtyLog(mem.size >> PAGE_SHIFT)
+        drv.setup_buffers(mem, buf_base)
+        queues = []
+        for vq in range(nq):
+            ring_gpa = self.GUEST_BASE + vq * (ring_bytes + ind_bytes)
+            kick, call = self._eventfd(), self._eventfd()
+            dq = DriverVirtqueue(vq, mem, num, ring_gpa, guest_features, kick, call,
+                                 ring_gpa + ring_bytes, ind_max)
+            queues.append(dq)
+            if self.direct:
+                dev.setup_vq(vq, num, dq.desc_gpa, dq.avail_gpa, dq.used_gpa, kick, call)
+            else:
+                self.svqs.append(self._shadow_queue(vq, dq, device_features, guest_features))
+        drv.attach(queues)
+        dev.start(range(nq))
+
+    def _shadow_queue(self, vq, dq, device_features, guest_features):
+        dev, num = self.dev, dq.num
+        total, doff, aoff, uoff = SplitRing.layout(num)
+        smem = SharedMemory(total)
+        self.shadow_mems.append(smem)
+        sring = SplitRing(num, smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total])
+        # The device only reads descriptors and avail; it writes used.
+        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
+        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
+        dkick, dcall = self._eventfd(), self._eventfd()
+        dev.setup_vq(vq, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
+        return ShadowVirtqueue(vq, self.mem, dq.ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
+                               guest_features, device_features, dq.kick_fd, dq.call_fd,
+                               dkick, dcall, log=self.log, log_used_gpa=dq.used_gpa,
+                               stats=self.svq_stats)
+
+    # -- running --
+    def _guarded(self, fn, vq):
+        def cb():
+            try:
+                fn()
+            except RingError as e:
+                self.ring_errors.append(str(e))
+                self.driver.stats.error(str(e))
+                self.loop.stop()
+        return cb
+
+    def run(self):
+        self.loop = loop = EventLoop()
+        loop.install_signals()
+        drv = self.driver
+        for dq in drv.queues:
+            loop.add_reader(dq.call_fd, self._guarded(lambda dq=dq: drv.handle_call(dq), dq.index))
+        for svq in self.svqs:
+            loop.add_reader(svq.guest_kick_fd, self._guarded(svq.handle_guest_kick, svq.index))
+            loop.add_reader(svq.device_call_fd, self._guarded(svq.handle_device_call, svq.index))
+        self.t0 = time.monotonic()
+        drv.start()
+        deadline = self.t0 + self.seconds if self.seconds else None
+        orig_refill = drv.refill
+
+        def refill_then_check():
+            orig_refill()
+            if drv.done():
+                loop.stop()
+        drv.refill = refill_then_check
+        try:
+            loop.run(deadline=deadline, tick=self.progress and (lambda: self.progress(self)))
+        finally:
+            drv.refill = orig_refill
+        self.elapsed = time.monotonic() - self.t0
+        self.drain()
+
+    def drain(self, grace=2.0):
+        """Stop submitting, let in-flight requests complete, flush used."""
+        drv, loop = self.driver, self.loop
+        drv.stopping = True
+        if self.ring_errors:
+            return
+        loop.stopped = False
+        end = time.monotonic() + grace
+        flushing = False
+        while time.monotonic() < end and not self.ring_errors:
+            if drv.idle():
+                if not flushing and isinstance(drv, BlkDriver) and drv.finish():
+                    flushing = True
+                else:
+                    break
+            loop.run(deadline=min(end, time.monotonic() + 0.05))
+            if loop.stop_signal is not None and loop.stopped:
+                loop.stopped = False
+        for svq in self.svqs:
+            if svq.broken is None:
+                try:
+                    svq.flush()
+                except RingError as e:
+                    self.ring_errors.append(str(e))
+        if not drv.idle() and not self.ring_errors:
+            drv.stats.error("%d requests still in flight after stopping"
+                            % sum(q.num - q.num_free for q in drv.queues))
+
+    def summary(self):
+        st = self.driver.stats
+        secs = max(getattr(self, "elapsed", 0.0), 1e-9)
+        s = self.svq_stats
+        if self.direct:
+            kicks = {"guest": sum(q.kicks for q in self.driver.queues), "device": None}
+            calls = {"device": None, "guest": None}
+        else:
+            kicks = {"guest": s.guest_kicks, "device": s.device_kicks}
+            calls = {"device": s.device_calls, "guest": s.guest_calls}
+        out = {
+            "device": self.path, "type": self.dev.type,
+            "mode": "direct" if self.direct else "shadow",
+            "requests": st.requests, "bytes": st.bytes, "seconds": round(secs, 3),
+            "requests_per_second": round(st.requests / secs, 1),
+            "mbit_per_second": round(st.bytes * 8 / secs / 1e6, 2),
+            "latency_us": {"p50": round(st.latency.percentile(50) / 1000, 1),
+                           "p99": round(st.latency.percentile(99) / 1000, 1)},
+            "errors": st.errors, "error_messages": st.error_lines,
+            "dirty_pages": self.log.count() if self.log is not None else None,
+            "kicks": kicks, "calls": calls, "parked": s.parked,
+            "queue_size": self.driver.num,
+            "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
+            "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
+            "config": self.config, "run_id": self.run_id,
+        }
+        if isinstance(self.driver, BlkDriver):
+            out.update(write=self.driver.write, request_size=self.driver.size,
+                       blk_id=self.driver.device_id_str, flushed=self.driver.flushed,
+                       lba_span=self.driver.span)
+        else:
+            out.update(frame_sizes=self.driver.sizes)
+        return out
+
+    def close(self):
+        if self.loop is not None:
+            self.loop.close()
+            self.loop = None
+        if self.dev is not None:
+            self.dev.close()        # reset, unmap every IOTLB entry, close
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        for q in getattr(getattr(self, "driver", None), "queues", []):
+            q.ring = None
+        self.svqs = []
+        for m in self.shadow_mems:
+            m.close()
+        self.shadow_mems = []
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+
+
+def _type_names(device_id):
+    return {VIRTIO_ID_NET: NET_FEATURE_NAMES, VIRTIO_ID_BLOCK: BLK_FEATURE_NAMES}.get(device_id)
+
+
+# ============================================================================
+# info
+# ============================================================================
+
+def device_info(path, opener=VhostVdpa):
+    dev = opener(path)
+    try:
+        status = dev.get_status()
+        dev.set_owner()
+        did = dev.get_device_id()
+        names = _type_names(did)
+        feats = dev.get_features()
+        backend = dev.get_backend_features()
+        dev.set_backend_features(backend & SVQ_BACKEND_FEATURES)
+        size = dev.get_config_size()
+        raw = dev.get_config(0, size) if size else b""
+        config = (decode_net_config(raw, feats) if did == VIRTIO_ID_NET else
+                  decode_blk_config(raw, feats) if did == VIRTIO_ID_BLOCK else {})
+        nvqs = dev.get_vqs_count()
+        first, last = dev.get_iova_range()
+        info = {
+            "device": path, "device_id": did, "type": DEVICE_TYPES.get(did, "unknown"),
+            "device_features": "%#018x" % feats,
+            "device_feature_names": feature_names(feats, names),
+            "backend_features": "%#x" % backend,
+            "backend_feature_names": [BACKEND_FEATURE_NAMES.get(b, "bit%d" % b)
+                                      for b in range(64) if backend >> b & 1],
+            "config_size": size, "config": config,
+            "num_queues": nvqs, "max_queue_size": dev.get_vring_num(),
+            "iova_range": ["%#x" % first, "%#x" % last],
+            "status": status_names(status),
+        }
+        sizes = []
+        for vq in range(nvqs):
+            try:
+                sizes.append(dev.get_vring_size(vq))
+            except DeviceError:
+                sizes = None
+                break
+        if sizes:
+            info["queue_sizes"] = sizes
+        try:
+            info["groups"] = dev.get_group_num()
+            info["address_spaces"] = dev.get_as_num()
+            info["queue_groups"] = [dev.get_vring_group(vq) for vq in range(nvqs)]
+        except DeviceError:
+            pass
+        return info
+    finally:
+        dev.close()
+
+
+def format_info(info):
+    lines = ["%s: virtio-%s (device id %d)" % (info["device"], info["type"], info["device_id"]),
+             "  device features  %s %s" % (info["device_features"],
+                                           " ".join(info["device_feature_names"])),
+             "  backend features %s %s" % (info["backend_features"],
+                                           " ".join(info["backend_feature_names"]))]
+    for k, v in info["config"].items():
+        lines.append("  config %-10s %s" % (k, " ".join(v) if isinstance(v, list) else v))
+    lines.append("  queues           %d, max size %d%s" % (
+        info["num_queues"], info["max_queue_size"],
+        " (sizes %s)" % info["queue_sizes"] if "queue_sizes" in info else ""))
+    if "groups" in info:
+        lines.append("  groups           %d, address spaces %d, queue groups %s" % (
+            info["groups"], info["address_spaces"], info["queue_groups"]))
+    lines.append("  iova range       [%s, %s]" % tuple(info["iova_range"]))
+    lines.append("  status           %s" % " ".join(info["status"]))
+    return "\n".join(lines)
+
+
+# ============================================================================
+# CLI
+# ============================================================================
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def _positive_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number: %r" % s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be positive: %r" % s)
+    return v
+
+
+def _positive_int(s):
+    try:
+        v = int(s, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer: %r" % s)
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be positive: %r" % s)
+    return v
+
+
+def build_parser():
+    p = _Parser(prog="svq.py", description="Shadow virtqueues for vhost-vdpa devices.")
+    p.add_argument("--version", action="version", version="svq.py " + __version__)
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    r = sub.add_parser("run", help="drive a device with the built-in driver (default)")
+    r.add_argument("device", help="/dev/vhost-vdpa-N")
+    r.add_argument("--direct", action="store_true",
+                   help="no shadow: hand the driver's rings to the device (baseline)")
+    r.add_argument("--queue-size", type=_positive_int, help="ring size (power of two)")
+    r.add_argument("--count", type=_positive_int, help="stop after this many requests")
+    r.add_argument("--seconds", type=_positive_float, default=None,
+                   help="run time (default 5, or unlimited with --count)")
+    r.add_argument("--size", type=_positive_int,
+                   help="frame size (net, default a mix up to the MTU) or request size (blk, default 4096)")
+    r.add_argument("--write", action="store_true",
+                   help="blk: write blocks and read them back (destroys data on the device)")
+    r.add_argument("--no-indirect", action="store_true", help="driver: do not use indirect descriptors")
+    r.add_argument("--no-event-idx", action="store_true", help="driver: do not use event index")
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    i = sub.add_parser("info", help="identity and capabilities of a device")
+    i.add_argument("device")
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def _progress_line(run):
+    st = run.driver.stats
+    secs = max(time.monotonic() - run.t0, 1e-9)
+    sys.stderr.write("\r\x1b[K%8.0f req/s  %10d requests  %8.1f MB  %d errors"
+                     % (st.requests / secs, st.requests, st.bytes / 1e6, st.errors))
+    sys.stderr.flush()
+
+
+def format_summary(s):
+    lines = ["%s: virtio-%s, %s mode, queue size %d" % (s["device"], s["type"], s["mode"], s["queue_size"]),
+             "  %d requests, %.1f MB in %.2f s: %.0f req/s, %.1f Mbit/s" % (
+                 s["requests"], s["bytes"] / 1e6, s["seconds"], s["requests_per_second"],
+                 s["mbit_per_second"]),
+             "  latency p50 %.1f us, p99 %.1f us" % (s["latency_us"]["p50"], s["latency_us"]["p99"])]
+    k, c = s["kicks"], s["calls"]
+    if s["mode"] == "shadow":
+        lines.append("  kicks guest->svq %d, svq->device %d; calls device->svq %d, svq->guest %d"
+                     % (k["guest"], k["device"], c["device"], c["guest"]))
+        lines.append("  dirty pages %d" % s["dirty_pages"])
+    else:
+        lines.append("  kicks driver->device %d (device writes are invisible in direct mode)" % k["guest"])
+    if "blk_id" in s:
+        lines.append("  blk id %r, %s, %d-byte requests" % (
+            s["blk_id"], "write+verify" if s["write"] else "read-only", s["request_size"]))
+    lines.append("  integrity errors %d" % s["errors"])
+    lines += ["    " + m for m in s["error_messages"]]
+    return "\n".join(lines)
+
+
+def cmd_run(args):
+    seconds = args.seconds if args.seconds is not None else (None if args.count else 5.0)
+    progress = _progress_line if (sys.stderr.isatty() and not args.json) else None
+    run = BuiltinRun(args.device, direct=args.direct, queue_size=args.queue_size,
+                     count=args.count, seconds=seconds, size=args.size, write=args.write,
+                     indirect=not args.no_indirect, event_idx=not args.no_event_idx,
+                     progress=progress)
+    try:
+        run.run()
+        sig = run.loop.stop_signal
+        summary = run.summary()
+    finally:
+        run.close()
+    if progress:
+        sys.stderr.write("\r\x1b[K")
+    if sig is not None:
+        summary["interrupted"] = signal.Signals(sig).name
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    if sig is not None:
+        return 128 + sig
+    return 0 if summary["errors"] == 0 else 1
+
+
+def cmd_info(args):
+    info = device_info(args.device)
+    print(json.dumps(info, indent=1) if args.json else format_info(info))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info}
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "run")
+    try:
+        args = build_parser().parse_args(argv)
+        if not args.cmd:
+            raise UsageError("no device given; usage: svq.py [run|info] /dev/vhost-vdpa-N")
+        return COMMANDS[args.cmd](args)
+    except SvqError as e:
+        sys.stderr.write("svq: %s\n" % e)
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("svq: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
