@@ -650,7 +650,8 @@ class VhostVdpa:
                 return fcntl.ioctl(self.fd, req, arg)
             return fcntl.ioctl(self.fd, req, arg, True)
         except OSError as e:
-            raise DeviceError(IOCTL_NAMES.get(req, "ioctl %#x" % req), e.errno, vq) from None
+            hint = "not a vhost-vdpa device" if e.errno == errno.ENOTTY else None
+            raise DeviceError(IOCTL_NAMES.get(req, "ioctl %#x" % req), e.errno, vq, hint) from None
 
     def _get(self, req, ctype, vq=None):
         v = ctype()
@@ -1156,7 +1157,7 @@ class ShadowVirtqueue:
     def __init__(self, index, guest_mem, guest_ring, shadow_ring, shadow_iova,
                  guest_features, device_features, guest_kick_fd, guest_call_fd,
                  device_kick_fd, device_call_fd, log=None, log_used_gpa=None,
-                 guest_used_idx=0, last_avail_idx=0, stats=None):
+                 guest_used_idx=0, last_avail_idx=0, shadow_base=0, stats=None):
         self.index = index
         self.mem = guest_mem
         self.guest = guest_ring
@@ -1177,9 +1178,9 @@ class ShadowVirtqueue:
         self.last_avail_idx = last_avail_idx & 0xffff
         self.guest_used_idx = guest_used_idx & 0xffff
         # Device side (QEMU names).
-        self.shadow_avail_idx = 0
-        self.shadow_used_idx = 0                # last used idx read from device
-        self.last_used_idx = 0
+        self.shadow_avail_idx = shadow_base & 0xffff
+        self.shadow_used_idx = shadow_base & 0xffff     # last used idx read from device
+        self.last_used_idx = shadow_base & 0xffff
         snum = self.snum
         self.free_head = 0
         self.num_free = snum
@@ -1202,7 +1203,12 @@ class ShadowVirtqueue:
         # Start with device calls enabled and guest kicks enabled.
         self._set_used_flags(self.guest.used, 0)
         _U16.pack_into(self.shadow.avail, 0, 0)
-        _U16.pack_into(self.shadow.avail, 2, 0)
+        _U16.pack_into(self.shadow.avail, 2, self.shadow_avail_idx)
+        _U16.pack_into(self.shadow.used, 2, self.last_used_idx)
+        # Event indexes start at the ring base, so the first entry notifies.
+        _U16.pack_into(self.shadow.avail, self.shadow.used_event_off, self.last_used_idx)
+        _U16.pack_into(self.shadow.used, self.shadow.avail_event_off, self.shadow_avail_idx)
+        _U16.pack_into(self.guest.used, self.guest.avail_event_off, self.last_avail_idx)
 
     # -- notification helpers --
     @staticmethod
@@ -1619,7 +1625,7 @@ class DriverVirtqueue:
     suppression honoured, used entries consumed in order."""
 
     def __init__(self, index, mem, num, ring_gpa, features, kick_fd, call_fd,
-                 indirect_gpa=None, indirect_max=0):
+                 indirect_gpa=None, indirect_max=0, base=0):
         self.index, self.mem, self.num = index, mem, num
         total, doff, aoff, uoff = SplitRing.layout(num)
         self.desc_gpa, self.avail_gpa, self.used_gpa = ring_gpa + doff, ring_gpa + aoff, ring_gpa + uoff
@@ -1638,9 +1644,13 @@ class DriverVirtqueue:
         self.desc_next = list(range(1, num)) + [0]
         self.chain_len = [0] * num
         self.tokens = [None] * num
-        self.avail_idx = 0
-        self.kicked_idx = 0
-        self.last_used_idx = 0
+        # Rings start at index `base` (0 normally): both indexes are written
+        # before the device starts, as SET_VRING_BASE tells it.
+        self.avail_idx = self.kicked_idx = self.last_used_idx = base & 0xffff
+        _U16.pack_into(self.ring.avail, 2, self.avail_idx)
+        _U16.pack_into(self.ring.used, 2, self.last_used_idx)
+        _U16.pack_into(self.ring.avail, self.ring.used_event_off, self.last_used_idx)
+        _U16.pack_into(self.ring.used, self.ring.avail_event_off, self.avail_idx)
         self.kicks = 0
 
     def add(self, bufs, token):
@@ -2113,8 +2123,9 @@ class BuiltinRun:
 
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
-                 opener=VhostVdpa):
+                 ring_base=0, opener=VhostVdpa):
         self.path, self.direct = path, direct
+        self.ring_base = ring_base
         self.count, self.seconds = count, seconds
         self.progress = progress
         self.fds = []
@@ -2195,10 +2206,11 @@ class BuiltinRun:
             ring_gpa = self.GUEST_BASE + vq * (ring_bytes + ind_bytes)
             kick, call = self._eventfd(), self._eventfd()
             dq = DriverVirtqueue(vq, mem, num, ring_gpa, guest_features, kick, call,
-                                 ring_gpa + ring_bytes, ind_max)
+                                 ring_gpa + ring_bytes, ind_max, self.ring_base)
             queues.append(dq)
             if self.direct:
-                dev.setup_vq(vq, num, dq.desc_gpa, dq.avail_gpa, dq.used_gpa, kick, call)
+                dev.setup_vq(vq, num, dq.desc_gpa, dq.avail_gpa, dq.used_gpa, kick, call,
+                             self.ring_base)
             else:
                 self.svqs.append(self._shadow_queue(vq, dq, device_features, guest_features))
         drv.attach(queues)
@@ -2214,11 +2226,14 @@ class BuiltinRun:
         ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
         rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
         dkick, dcall = self._eventfd(), self._eventfd()
-        dev.setup_vq(vq, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
-        return ShadowVirtqueue(vq, self.mem, dq.ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
-                               guest_features, device_features, dq.kick_fd, dq.call_fd,
-                               dkick, dcall, log=self.log, log_used_gpa=dq.used_gpa,
-                               stats=self.svq_stats)
+        base = self.ring_base
+        svq = ShadowVirtqueue(vq, self.mem, dq.ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
+                              guest_features, device_features, dq.kick_fd, dq.call_fd,
+                              dkick, dcall, log=self.log, log_used_gpa=dq.used_gpa,
+                              guest_used_idx=base, last_avail_idx=base, shadow_base=base,
+                              stats=self.svq_stats)
+        dev.setup_vq(vq, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall, base)
+        return svq
 
     # -- running --
     def _guarded(self, fn, vq):
@@ -2474,6 +2489,8 @@ def build_parser():
     r.add_argument("--indirect", action="store_true",
                    help="driver: use indirect descriptors where negotiated (shadow mode always offers them)")
     r.add_argument("--no-event-idx", action="store_true", help="driver: do not use event index")
+    r.add_argument("--ring-base", type=int, default=0, metavar="N",
+                   help="start every ring index at N (0-65535), to cross the 16-bit wrap early")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     i = sub.add_parser("info", help="identity and capabilities of a device")
     i.add_argument("device")
@@ -2511,11 +2528,14 @@ def format_summary(s):
 
 
 def cmd_run(args):
+    if not 0 <= args.ring_base <= 0xffff:
+        raise UsageError("--ring-base %d is outside 0..65535" % args.ring_base)
     seconds = args.seconds if args.seconds is not None else (None if args.count else 5.0)
     progress = _progress_line if (sys.stderr.isatty() and not args.json) else None
     run = BuiltinRun(args.device, direct=args.direct, queue_size=args.queue_size,
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
+                     ring_base=args.ring_base,
                      progress=progress)
     try:
         run.run()

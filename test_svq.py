@@ -1,0 +1,847 @@
+# SPDX-License-Identifier: MIT
+"""Tests for svq.py.
+
+Unit tests need no device: the ABI against the real 6.12 uapi headers, the
+IOVA map, the shadow virtqueue against a fake device (including every hostile
+ring case), the dirty log, the built-in driver end to end against mockvdpa,
+and the CLI's errors.  Tests marked `vdpa` need real vhost-vdpa devices named
+by SVQ_NET_DEV, SVQ_BLK_DEV, SVQ_VDUSE_DEV (the VM rig sets them: vm/run).
+"""
+
+import ctypes
+import glob
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import mockvdpa
+import svq
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SVQ = [sys.executable, os.path.join(HERE, "svq.py")]
+IN_CI = os.environ.get("CI") in ("true", "1")
+
+
+def run_cli(*args, timeout=120, **kw):
+    return subprocess.run(SVQ + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=timeout, **kw)
+
+
+def one_line_error(p):
+    """The CLI's error contract: exit 2, one line on stderr, `svq: ...`."""
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("svq: "), p.stderr
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+# ============================================================================
+# ABI: every request number, constant, struct size and field offset svq.py
+# uses, checked against the installed 6.12 uapi headers by a C compiler.
+# ============================================================================
+
+UAPI_HEADERS = ["vhost.h", "vhost_types.h", "virtio_config.h", "virtio_ring.h",
+                "virtio_net.h", "virtio_blk.h", "virtio_ids.h"]
+NOT_MACROS = {"VIRTIO_NET_HDR_SIZE", "VHOST_PAGE_SIZE"}
+CONST_RE = re.compile(r"^(VHOST_|VIRTIO_F_|VIRTIO_RING_F_|VIRTIO_NET_F_|VIRTIO_BLK_[FTS]_|"
+                      r"VIRTIO_CONFIG_S_|VRING_DESC_F_|VRING_AVAIL_F_|VRING_USED_F_|VIRTIO_ID_|"
+                      r"VIRTIO_BLK_ID_BYTES)")
+
+
+def uapi_dir():
+    found = sorted(glob.glob("/usr/src/linux-headers-6.12*-common/include/uapi"))
+    return found[-1] if found else None
+
+
+@pytest.fixture(scope="module")
+def abi_values(tmp_path_factory):
+    uapi, cc = uapi_dir(), shutil.which("gcc") or shutil.which("cc")
+    if not uapi or not cc:
+        msg = "needs gcc and linux-headers-6.12 (make setup installs them)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    tmp = tmp_path_factory.mktemp("abi")
+    inc = tmp / "inc" / "linux"
+    inc.mkdir(parents=True)
+    for h in UAPI_HEADERS:
+        shutil.copy(os.path.join(uapi, "linux", h), str(inc / h))
+    (inc / "compiler.h").write_text("")     # what headers_install strips
+    consts = sorted(n for n in dir(svq) if CONST_RE.match(n) and n not in NOT_MACROS
+                    and isinstance(getattr(svq, n), int))
+    structs = [c for n, c in sorted(vars(svq).items()) if n.startswith("vhost_")
+               and isinstance(c, type) and issubclass(c, ctypes.Structure)]
+    lines = ['#include <stdio.h>', '#include <stddef.h>']
+    lines += ['#include <linux/%s>' % h for h in UAPI_HEADERS]
+    lines.append("int main(void) {")
+    for n in consts:
+        lines.append('printf("%s %%lld\\n", (long long)(%s));' % (n, n))
+    for c in structs:
+        lines.append('printf("sizeof.%s %%zu\\n", sizeof(struct %s));' % (c.__name__, c.__name__))
+        for f in c._fields_:
+            name = f[0]
+            if name == "u":             # anonymous union: check its members
+                for m in ("iotlb", "padding"):
+                    lines.append('printf("offsetof.%s.%s %%zu\\n", offsetof(struct %s, %s));'
+                                 % (c.__name__, m, c.__name__, m))
+            else:
+                lines.append('printf("offsetof.%s.%s %%zu\\n", offsetof(struct %s, %s));'
+                             % (c.__name__, name, c.__name__, name))
+    lines.append("return 0; }")
+    src = tmp / "abi.c"
+    src.write_text("\n".join(lines))
+    exe = tmp / "abi"
+    subprocess.run([cc, "-I", str(tmp / "inc"), "-o", str(exe), str(src)], check=True)
+    out = subprocess.run([str(exe)], stdout=subprocess.PIPE, check=True,
+                         universal_newlines=True).stdout
+    values = dict(line.split() for line in out.splitlines())
+    return consts, structs, {k: int(v) for k, v in values.items()}
+
+
+def test_abi_constants_and_ioctls_match_kernel_headers(abi_values):
+    consts, _, c = abi_values
+    assert len(consts) > 100
+    assert set(svq.IOCTL_NAMES.values()) <= set(consts)
+    for n in consts:
+        ours = getattr(svq, n)
+        theirs = c[n] & 0xffffffff if n in svq.IOCTL_NAMES.values() else c[n]
+        assert ours == theirs, "%s: svq.py %#x, kernel %#x" % (n, ours, theirs)
+
+
+def test_abi_struct_layouts_match_kernel_headers(abi_values):
+    _, structs, c = abi_values
+    assert {s.__name__ for s in structs} >= {"vhost_vring_state", "vhost_vring_file",
+                                             "vhost_vring_addr", "vhost_iotlb_msg",
+                                             "vhost_msg_v2", "vhost_vdpa_config",
+                                             "vhost_vdpa_iova_range", "vhost_memory_region"}
+    for s in structs:
+        assert ctypes.sizeof(s) == c["sizeof." + s.__name__], s.__name__
+        for f in s._fields_:
+            if f[0] == "u":
+                assert getattr(s, "u").offset == c["offsetof.%s.iotlb" % s.__name__]
+            else:
+                assert getattr(s, f[0]).offset == c["offsetof.%s.%s" % (s.__name__, f[0])], \
+                    (s.__name__, f[0])
+
+
+def test_ioc_encoding_known_values():
+    # From FACTS.md, seen on the real kernel.
+    assert svq.VHOST_VDPA_GET_DEVICE_ID == 0x8004af70
+    assert svq.VHOST_SET_OWNER == 0xaf01
+    assert svq.IOCTL_NAMES[svq.VHOST_SET_VRING_ADDR] == "VHOST_SET_VRING_ADDR"
+
+
+def test_device_error_names_ioctl_and_queue():
+    e = svq.DeviceError("VHOST_SET_VRING_ADDR", 22, vq=1)
+    assert str(e) == "VHOST_SET_VRING_ADDR(vq 1): Invalid argument"
+    assert e.errno == 22 and isinstance(e, svq.SvqError)
+
+
+# ============================================================================
+# IOVA map
+# ============================================================================
+
+def test_iova_alloc_first_fit_page_aligned_never_page_zero():
+    m = svq.IOVAMap(0, (1 << 64) - 1)
+    a = m.alloc(0x7f0000000000, 100)
+    assert a.iova == 0x1000 and a.size == 0x1000
+    b = m.alloc(0x7f0000100000, 0x2001)
+    assert b.iova == 0x2000 and b.size == 0x3000
+    m.remove(a.iova)
+    c = m.alloc(0x7f0000200000, 0x1000)          # first fit reuses the hole
+    assert c.iova == 0x1000
+    d = m.alloc(0x7f0000300000, 0x2000)          # too big for any hole: after b
+    assert d.iova == 0x5000
+    assert [x.iova for x in m] == [0x1000, 0x2000, 0x5000]
+
+
+def test_iova_respects_device_range_and_exhaustion():
+    m = svq.IOVAMap(0x10000, 0x13fff)
+    assert m.alloc(0x1000, 0x2000).iova == 0x10000
+    assert m.alloc(0x9000, 0x2000).iova == 0x12000
+    with pytest.raises(svq.IOVAError, match="exhausted"):
+        m.alloc(0x20000, 0x1000)
+    m.remove(0x10000)
+    assert m.alloc(0x20000, 0x1000).iova == 0x10000
+    with pytest.raises(svq.IOVAError):
+        svq.IOVAMap(5, 4)
+
+
+def test_iova_fixed_insert_refuses_overlap_and_out_of_range():
+    m = svq.IOVAMap(0, 0xffffffff)
+    m.insert(0x100000, 0x5000, 0x10000)
+    for iova, size in ((0x100000, 1), (0x10f000, 0x2000), (0xff000, 0x2000), (0xf0000, 0x100000)):
+        with pytest.raises(svq.IOVAError, match="overlaps"):
+            m.insert(iova, 0x90000000, size)
+    with pytest.raises(svq.IOVAError, match="outside"):
+        m.insert(0xfffff000, 0x1000, 0x2000)
+    m.insert(0x110000, 0x15000, 0x1000)          # adjacent is fine
+    with pytest.raises(svq.IOVAError, match="no mapping"):
+        m.remove(0x123000)
+    assert m.find_iova(0x10ffff).iova == 0x100000 and m.find_iova(0x111000) is None
+
+
+def test_iova_translate_spans_several_maps():
+    m = svq.IOVAMap()
+    m.insert(0x10000, 0x7f0000000000, 0x1000)
+    m.insert(0x50000, 0x7f0000001000, 0x2000)
+    assert m.translate(0x7f0000000800, 0x1000) == [(0x10800, 0x800), (0x50000, 0x800)]
+    assert m.translate(0x7f0000001000, 0x2000) == [(0x50000, 0x2000)]
+    with pytest.raises(svq.IOVAError, match="not mapped"):
+        m.translate(0x7f0000002800, 0x1000)
+
+
+# ============================================================================
+# Dirty log
+# ============================================================================
+
+def test_dirty_log_marks_exact_pages():
+    log = svq.DirtyLog(64)
+    log.mark(0x1fff, 2)             # straddles pages 1 and 2
+    log.mark(0x5000, 0x1000)        # exactly page 5
+    log.mark(0x9000, 0)             # nothing
+    assert log.pages() == [1, 2, 5] and log.count() == 3
+    log.mark(0x1000000, 1)          # beyond the log: clamped, never written past
+    assert len(log.buf) == 8
+    log.clear()
+    assert log.count() == 0
+
+
+# ============================================================================
+# Shadow virtqueue against a fake device
+# ============================================================================
+
+IOVA_OFFSET = 0x40000000
+EF = (1 << svq.VIRTIO_RING_F_EVENT_IDX)
+INDIRECT = (1 << svq.VIRTIO_RING_F_INDIRECT_DESC)
+
+
+class Rig:
+    """Guest memory in two regions, a driver ring, a shadow ring, and a fake
+    device that completes shadow chains synchronously."""
+
+    R0, R1 = 0x100000, 0x110000
+
+    def __init__(self, num=8, guest_features=0, device_features=0, log=True):
+        self.mem = svq.GuestMemory.anonymous([(self.R0, 0x10000), (self.R1, 0x10000)])
+        for r in self.mem.regions:
+            r.iova = r.gpa + IOVA_OFFSET
+        self.fds = [svq.eventfd() for _ in range(4)]
+        kick, call, self.dkick, self.dcall = self.fds
+        self.drv = svq.DriverVirtqueue(0, self.mem, num, self.R0, guest_features, kick, call,
+                                       self.R0 + 0x8000, 8)
+        total, doff, aoff, uoff = svq.SplitRing.layout(num)
+        self.smem = svq.SharedMemory(total)
+        self.sring = svq.SplitRing(num, self.smem.mv[doff:aoff], self.smem.mv[aoff:uoff],
+                                   self.smem.mv[uoff:total])
+        self.log = svq.DirtyLog(self.mem.size >> 12) if log else None
+        self.svq = svq.ShadowVirtqueue(0, self.mem, self.drv.ring, self.sring, (0, 0, 0),
+                                       guest_features, device_features, kick, call,
+                                       self.dkick, self.dcall, log=self.log,
+                                       log_used_gpa=self.drv.used_gpa)
+        self.dev_last_avail = 0
+        self.dev_used = 0
+        self.pending = []
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.drv.ring = self.sring = self.svq = None
+        self.smem.close()
+        self.mem.close()
+
+    def shadow_chain(self, head):
+        out, i = [], head
+        while True:
+            addr, length, flags, nxt = struct.unpack_from("<QIHH", self.sring.desc, i * 16)
+            out.append((addr, length, flags & ~svq.VRING_DESC_F_NEXT))
+            if not flags & svq.VRING_DESC_F_NEXT:
+                return out
+            i = nxt
+
+    def device_pop(self):
+        """Fake device: take every new shadow avail entry."""
+        idx = struct.unpack_from("<H", self.sring.avail, 2)[0]
+        while self.dev_last_avail != idx:
+            head = struct.unpack_from("<H", self.sring.avail, 4 + (self.dev_last_avail % self.sring.num) * 2)[0]
+            self.pending.append(head)
+            self.dev_last_avail = (self.dev_last_avail + 1) & 0xffff
+        return self.pending
+
+    def device_push(self, head, length, used_id=None, idx_step=1):
+        off = 4 + (self.dev_used % self.sring.num) * 8
+        struct.pack_into("<II", self.sring.used, off, head if used_id is None else used_id, length)
+        self.dev_used = (self.dev_used + idx_step) & 0xffff
+        struct.pack_into("<H", self.sring.used, 2, self.dev_used)
+
+    def guest_add(self, bufs, token="t"):
+        assert self.drv.add(bufs, token)
+        self.drv.kick()
+
+    def kick_count(self):
+        return svq.eventfd_drain(self.dkick)
+
+
+@pytest.fixture
+def rig():
+    rigs = []
+
+    def make(**kw):
+        r = Rig(**kw)
+        rigs.append(r)
+        return r
+    yield make
+    for r in rigs:
+        r.close()
+
+
+def test_svq_forwards_chain_translates_and_logs(rig):
+    r = rig()
+    r.guest_add([(0x101000, 100, False), (0x112000, 0x1800, True)], "req")
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    assert r.shadow_chain(head) == [(0x101000 + IOVA_OFFSET, 100, 0),
+                                    (0x112000 + IOVA_OFFSET, 0x1800, svq.VRING_DESC_F_WRITE)]
+    assert r.kick_count() == 1 and r.svq.num_free == 6
+    r.device_push(head, 0x1001)
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("req", 0x1001)
+    assert svq.eventfd_drain(r.drv.call_fd) == 1
+    # Written bytes 0x112000..0x113000 are pages 0x112 and 0x113; plus the used ring page.
+    used_page = r.drv.used_gpa >> 12
+    assert r.log.pages() == sorted({0x112, 0x113, used_page})
+    assert r.svq.num_free == 8 and r.svq.in_flight == 0
+
+
+def test_svq_splits_buffer_crossing_regions(rig):
+    r = rig()
+    start = Rig.R1 - 0x100
+    r.guest_add([(start, 0x300, True)])
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    assert r.shadow_chain(head) == [(start + IOVA_OFFSET, 0x100, svq.VRING_DESC_F_WRITE),
+                                    (Rig.R1 + IOVA_OFFSET, 0x200, svq.VRING_DESC_F_WRITE)]
+    r.device_push(head, 0x180)          # writes 0x100 bytes in R0's last page, 0x80 in R1
+    r.svq.handle_device_call()
+    assert {(start >> 12), Rig.R1 >> 12} <= set(r.log.pages())
+
+
+def test_svq_flattens_indirect_tables(rig):
+    r = rig(guest_features=INDIRECT)
+    r.drv.indirect = True
+    r.drv.indirect_view = r.mem.view(r.drv.indirect_gpa, 8 * 8 * 16)
+    r.guest_add([(0x101000, 16, False), (0x102000, 512, True), (0x103000, 1, True)])
+    assert r.drv.num_free == 7          # one guest descriptor for the whole chain
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    assert [d[1] for d in r.shadow_chain(head)] == [16, 512, 1]
+    r.device_push(head, 513)
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("t", 513)
+
+
+def test_svq_parks_when_shadow_ring_full_and_resumes(rig):
+    r = rig(num=4)
+    # Each chain crosses the region boundary: 2 shadow descriptors for 1 guest one.
+    for i in range(4):
+        r.guest_add([(Rig.R1 - 0x10, 0x20, True)], i)
+    r.svq.handle_guest_kick()
+    heads = list(r.device_pop())
+    assert len(heads) == 2 and r.svq.stats.parked >= 1 and r.svq.num_free == 0
+    r.pending.clear()
+    for h in heads:
+        r.device_push(h, 0x20)
+    r.svq.handle_device_call()          # frees slots: the parked chains go out
+    assert len(r.device_pop()) == 2
+    assert [r.drv.get_used()[0] for _ in range(2)] == [0, 1]
+
+
+@pytest.mark.parametrize("features", [0, EF], ids=["flags", "event_idx"])
+def test_svq_wraps_16bit_indexes_many_times(rig, features):
+    r = rig(num=4, guest_features=features, device_features=features)
+    total = 3 * 65536 + 124
+    done = 0
+    drv, s = r.drv, r.svq
+    while done < total:
+        for i in range(2):
+            drv.add([(0x101000, 64, False), (0x102000, 64, True)], done + i)
+        drv.kick()
+        s.forward_avail()
+        for h in r.device_pop():
+            r.device_push(h, 64)
+        r.pending.clear()
+        s.flush()
+        for i in range(2):
+            assert drv.get_used() == (done + i, 64)
+        done += 2
+    assert s.last_avail_idx == drv.avail_idx == (done & 0xffff)
+    assert s.num_free == 4 and s.in_flight == 0
+
+
+def test_svq_guest_side_event_idx(rig):
+    r = rig(guest_features=EF)
+    r.guest_add([(0x101000, 8, True)])
+    r.svq.handle_guest_kick()
+    # avail_event tells the guest to kick at the next entry.
+    assert struct.unpack_from("<H", r.drv.ring.used, r.drv.ring.avail_event_off)[0] == 1
+    # used_event far ahead: the shadow must not call the guest.
+    struct.pack_into("<H", r.drv.ring.avail, r.drv.ring.used_event_off, 100)
+    (head,) = r.device_pop()
+    r.device_push(head, 8)
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("t", 8)
+    assert svq.eventfd_drain(r.drv.call_fd) == 0 and r.svq.stats.guest_calls == 0
+
+
+def test_svq_honours_no_interrupt_and_no_notify(rig):
+    r = rig()
+    struct.pack_into("<H", r.sring.used, 0, svq.VRING_USED_F_NO_NOTIFY)
+    struct.pack_into("<H", r.drv.ring.avail, 0, svq.VRING_AVAIL_F_NO_INTERRUPT)
+    r.guest_add([(0x101000, 8, True)])
+    r.svq.handle_guest_kick()
+    assert r.kick_count() == 0          # device asked not to be kicked
+    (head,) = r.device_pop()
+    r.device_push(head, 8)
+    r.svq.handle_device_call()
+    assert svq.eventfd_drain(r.drv.call_fd) == 0
+    assert r.drv.get_used() == ("t", 8)
+
+
+def test_svq_device_side_event_idx(rig):
+    r = rig(device_features=EF)
+    struct.pack_into("<H", r.sring.used, r.sring.avail_event_off, 5)   # kick me at 5
+    r.guest_add([(0x101000, 8, True)])
+    r.svq.handle_guest_kick()
+    assert r.kick_count() == 0
+    (head,) = r.device_pop()
+    r.device_push(head, 8)
+    r.svq.handle_device_call()
+    # used_event asks the device to call for the next used entry.
+    assert struct.unpack_from("<H", r.sring.avail, r.sring.used_event_off)[0] == 1
+
+
+# -- hostile guest rings --
+
+def _write_desc(r, i, addr, length, flags, nxt=0):
+    struct.pack_into("<QIHH", r.drv.ring.desc, i * 16, addr, length, flags, nxt)
+
+
+def _publish(r, heads, start=0):
+    for k, h in enumerate(heads):
+        struct.pack_into("<H", r.drv.ring.avail, 4 + ((start + k) % r.drv.num) * 2, h)
+    struct.pack_into("<H", r.drv.ring.avail, 2, (start + len(heads)) & 0xffff)
+
+
+HOSTILE_GUEST = {
+    "addr outside memory": ([(0, 0x900000, 64, 0)], "outside guest memory"),
+    "addr in the gap after memory": ([(0, Rig.R1 + 0x10000 - 8, 64, 0)], "outside guest memory"),
+    "length overflow": ([(0, (1 << 64) - 16, 64, 0)], "overflows|outside"),
+    "chain loop": ([(0, 0x101000, 8, svq.VRING_DESC_F_NEXT, 1),
+                    (1, 0x101000, 8, svq.VRING_DESC_F_NEXT, 0)], "loops"),
+    "next out of range": ([(0, 0x101000, 8, svq.VRING_DESC_F_NEXT, 99)], "out of range"),
+    "readable after writable": ([(0, 0x101000, 8, svq.VRING_DESC_F_WRITE | svq.VRING_DESC_F_NEXT, 1),
+                                 (1, 0x101000, 8, 0)], "readable descriptor after"),
+    "indirect not negotiated": ([(0, 0x108000, 32, svq.VRING_DESC_F_INDIRECT)], "not negotiated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_GUEST))
+def test_svq_rejects_hostile_guest_ring(rig, case):
+    descs, pattern = HOSTILE_GUEST[case]
+    r = rig()
+    for d in descs:
+        _write_desc(r, *d)
+    _publish(r, [0])
+    before = bytes(r.smem.mv)
+    with pytest.raises(svq.RingError, match=pattern) as e:
+        r.svq.handle_guest_kick()
+    assert e.value.side == "guest" and e.value.vq == 0 and "vq 0" in str(e.value)
+    assert r.svq.broken is not None
+    assert r.kick_count() == 0 and r.svq.num_free == 8
+    # Nothing made it to the device: the shadow avail index did not move.
+    assert struct.unpack_from("<H", r.sring.avail, 2)[0] == 0
+    assert bytes(r.smem.mv)[r.sring.num * 16:] == before[r.sring.num * 16:]
+    r.svq.handle_guest_kick()           # a broken queue stays stopped, quietly
+
+
+def test_svq_rejects_indirect_abuse(rig):
+    for descs, pattern in (
+            ([(0, 0x108000, 24, svq.VRING_DESC_F_INDIRECT)], "bad indirect table length"),
+            ([(0, 0x900000, 32, svq.VRING_DESC_F_INDIRECT)], "outside guest memory"),
+            ([(0, 0x108000, 32, svq.VRING_DESC_F_INDIRECT | svq.VRING_DESC_F_NEXT, 1)],
+             "bad indirect"),
+    ):
+        r = rig(guest_features=INDIRECT)
+        for d in descs:
+            _write_desc(r, *d)
+        _publish(r, [0])
+        with pytest.raises(svq.RingError, match=pattern):
+            r.svq.handle_guest_kick()
+    # Nested indirect, and a loop inside a table.
+    r = rig(guest_features=INDIRECT)
+    _write_desc(r, 0, 0x108000, 32, svq.VRING_DESC_F_INDIRECT)
+    struct.pack_into("<QIHH", r.mem.view(0x108000, 32), 0, 0x108000, 32, svq.VRING_DESC_F_INDIRECT, 0)
+    _publish(r, [0])
+    with pytest.raises(svq.RingError, match="nested"):
+        r.svq.handle_guest_kick()
+    r = rig(guest_features=INDIRECT)
+    _write_desc(r, 0, 0x108000, 32, svq.VRING_DESC_F_INDIRECT)
+    t = r.mem.view(0x108000, 32)
+    struct.pack_into("<QIHH", t, 0, 0x101000, 8, svq.VRING_DESC_F_NEXT, 1)
+    struct.pack_into("<QIHH", t, 16, 0x101000, 8, svq.VRING_DESC_F_NEXT, 0)
+    _publish(r, [0])
+    with pytest.raises(svq.RingError, match="loops"):
+        r.svq.handle_guest_kick()
+
+
+def test_svq_rejects_avail_index_jump_and_bad_head(rig):
+    r = rig()
+    struct.pack_into("<H", r.drv.ring.avail, 2, 9)      # queue size 8
+    with pytest.raises(svq.RingError, match="avail index jumped"):
+        r.svq.handle_guest_kick()
+    r = rig()
+    _publish(r, [8])
+    with pytest.raises(svq.RingError, match="avail head 8 out of range"):
+        r.svq.handle_guest_kick()
+
+
+def test_svq_chain_longer_than_shadow_ring_is_an_error_not_a_hang(rig):
+    r = rig(num=2)
+    _write_desc(r, 0, Rig.R1 - 0x10, 0x20, svq.VRING_DESC_F_NEXT, 1)   # 2 shadow descs
+    _write_desc(r, 1, 0x101000, 8, 0)                                   # + 1 = 3 > 2
+    _publish(r, [0])
+    with pytest.raises(svq.RingError, match="more descriptors than the shadow ring"):
+        r.svq.handle_guest_kick()
+
+
+# -- hostile devices --
+
+@pytest.mark.parametrize("kind,pattern", [
+    ("bad_id", "was never made available"),
+    ("double", "was never made available|used index moved by 1 with 0"),
+    ("long_len", "beyond the 64 writable bytes"),
+    ("jump", "used index moved by"),
+])
+def test_svq_rejects_hostile_device(rig, kind, pattern):
+    r = rig()
+    r.guest_add([(0x101000, 64, True)])
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    if kind == "bad_id":
+        r.device_push(head, 8, used_id=200)
+    elif kind == "double":
+        r.device_push(head, 8)
+        r.svq.handle_device_call()
+        r.device_push(head, 8)
+    elif kind == "long_len":
+        r.device_push(head, 65)
+    else:
+        r.device_push(head, 8, idx_step=3)
+    used_before = bytes(r.drv.ring.used)
+    with pytest.raises(svq.RingError, match=pattern) as e:
+        r.svq.handle_device_call()
+    assert e.value.side == "device"
+    assert bytes(r.drv.ring.used) == used_before      # nothing reached the guest
+    r.svq.handle_device_call()                          # stopped queue stays quiet
+
+
+# ============================================================================
+# Built-in driver end to end against the mock device
+# ============================================================================
+
+@pytest.mark.parametrize("kind", ["net", "blk"])
+@pytest.mark.parametrize("direct", [False, True], ids=["shadow", "direct"])
+@pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "evidx"])
+def test_builtin_run_against_mock(kind, direct, event_idx):
+    op = mockvdpa.opener(kind, event_idx=event_idx)
+    run = svq.BuiltinRun("/dev/mock", direct=direct, count=1500, seconds=None,
+                         write=kind == "blk", opener=op, queue_size=64)
+    try:
+        run.run()
+        s = run.summary()
+        regions = [(r.iova, r.size, r.gpa) for r in run.mem.regions]
+        used_pages = {q.used_gpa >> 12 for q in run.driver.queues}
+    finally:
+        run.close()
+    dev = op.made[0]
+    assert s["errors"] == 0, s["error_messages"]
+    assert s["requests"] >= 1500 and s["mode"] == ("direct" if direct else "shadow")
+    assert dev.closed and dev.maps == [] and dev.status == 0
+    if direct:
+        assert s["dirty_pages"] is None
+    else:
+        # The log holds exactly the pages the device wrote, plus used rings.
+        written = set()
+        for iova, n in dev.written_iovas:
+            for base, size, gpa in regions:
+                if base <= iova < base + size:
+                    written.update(range((gpa + iova - base) >> 12, (gpa + iova - base + n - 1 >> 12) + 1))
+        assert s["dirty_pages"] == len(written | used_pages)
+        assert s["kicks"]["device"] > 0 and s["calls"]["guest"] > 0
+
+
+def test_builtin_run_with_indirect_and_ring_base_near_wrap():
+    op = mockvdpa.opener("blk")
+    run = svq.BuiltinRun("/dev/mock", count=600, seconds=None, write=True, opener=op,
+                         queue_size=16, indirect=True, ring_base=65500)
+    try:
+        run.run()
+        s = run.summary()
+        assert "INDIRECT_DESC" in s["guest_features"]
+        assert run.svqs[0].last_avail_idx < 65500        # wrapped
+    finally:
+        run.close()
+    assert s["errors"] == 0 and s["requests"] >= 600
+
+
+def test_net_driver_detects_corruption():
+    op = mockvdpa.opener("net")
+    run = svq.BuiltinRun("/dev/mock", count=300, seconds=None, opener=op, queue_size=32)
+    dev = op.made[0]
+    orig = dev._write
+
+    def corrupt(bufs, data):
+        data = bytearray(data)
+        if len(data) > 60:
+            data[50] ^= 0xff
+        return orig(bufs, data)
+    dev._write = corrupt
+    try:
+        run.run()
+        s = run.summary()
+    finally:
+        run.close()
+    assert s["errors"] >= 300 and "corrupted" in " ".join(s["error_messages"])
+
+
+def test_hostile_mock_device_stops_run_cleanly():
+    op = mockvdpa.opener("blk")
+    run = svq.BuiltinRun("/dev/mock", count=100, seconds=None, opener=op, queue_size=16)
+    op.made[0].misbehave = "bad_id"
+    try:
+        run.run()
+        s = run.summary()
+    finally:
+        run.close()
+    assert s["errors"] >= 1 and any("never made available" in m for m in s["error_messages"])
+    assert op.made[0].status == 0 and op.made[0].maps == []
+
+
+def test_setup_errors_leave_nothing_behind():
+    cases = [
+        (dict(queue_size=100), svq.UsageError, "not a power of two"),
+        (dict(queue_size=512), svq.UsageError, "above the device maximum 256"),
+    ]
+    for kw, exc, pattern in cases:
+        op = mockvdpa.opener("net")
+        with pytest.raises(exc, match=pattern):
+            svq.BuiltinRun("/dev/mock", opener=op, **kw)
+        assert op.made[0].closed and op.made[0].maps == []
+    op = mockvdpa.opener("net", refuse_features_ok=True)
+    with pytest.raises(svq.DeviceError, match="FEATURES_OK"):
+        svq.BuiltinRun("/dev/mock", opener=op)
+    assert op.made[0].closed
+    op = mockvdpa.opener("blk")
+
+    def no_platform(path):
+        d = op(path)
+        d.device_features &= ~(1 << svq.VIRTIO_F_ACCESS_PLATFORM)
+        return d
+    with pytest.raises(svq.DeviceError, match="lacks ACCESS_PLATFORM"):
+        svq.BuiltinRun("/dev/mock", opener=no_platform)
+    assert op.made[0].closed and op.made[0].status == 0
+
+
+def test_device_info_against_mock():
+    info = svq.device_info("/dev/mock", opener=lambda p: mockvdpa.MockVhostVdpa("net"))
+    assert info["type"] == "net" and info["config"]["mac"] == "52:54:00:12:34:56"
+    assert "VERSION_1" in info["device_feature_names"] and "MAC" in info["device_feature_names"]
+    text = svq.format_info(info)
+    assert "virtio-net" in text and "52:54:00:12:34:56" in text
+
+
+def test_blk_sector_pattern_is_stamped():
+    p = svq.BlkDriver.sector_pattern(0x1234, 77)
+    assert len(p) == 512 and p[:8] == b"SVQBLK01"
+    assert struct.unpack_from("<QQ", p, 8) == (0x1234, 77)
+
+
+# ============================================================================
+# CLI and library hygiene
+# ============================================================================
+
+def test_cli_errors_are_one_line():
+    assert "no device" in one_line_error(run_cli())
+    line = one_line_error(run_cli("/dev/vhost-vdpa-404"))
+    assert "No such file" in line and "vdpa dev add" in line
+    assert "not a character device" in one_line_error(run_cli("run", HERE))
+    assert "queue-size" in one_line_error(run_cli("run", "/dev/x", "--queue-size", "0"))
+    assert "seconds" in one_line_error(run_cli("run", "/dev/x", "--seconds", "-1"))
+    assert "ring-base" in one_line_error(run_cli("run", "/dev/vhost-vdpa-404", "--ring-base", "70000"))
+    assert "unrecognized" in one_line_error(run_cli("run", "/dev/x", "--bogus"))
+
+
+def test_cli_non_vdpa_char_device():
+    line = one_line_error(run_cli("info", "/dev/null"))
+    assert "VHOST_" in line and "not a vhost-vdpa device" in line
+
+
+def test_import_has_no_side_effects():
+    code = ("import signal, threading, sys, os; h = signal.getsignal(signal.SIGINT); "
+            "n = threading.active_count(); fds = len(os.listdir('/proc/self/fd')); import svq; "
+            "assert signal.getsignal(signal.SIGINT) is h and threading.active_count() == n; "
+            "assert len(os.listdir('/proc/self/fd')) == fds")
+    p = subprocess.run([sys.executable, "-c", code], cwd=HERE, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True)
+    assert p.returncode == 0 and p.stdout == "" and p.stderr == "", p.stderr
+
+
+# ============================================================================
+# Device tests: real vhost-vdpa devices (vm/run sets SVQ_*_DEV)
+# ============================================================================
+
+def device(var):
+    path = os.environ.get(var)
+    if not path:
+        reason = os.environ.get("SVQ_SKIP_REASON") or "%s not set: run in the VM rig (make test)" % var
+        if IN_CI:
+            pytest.fail("CI: " + reason)
+        pytest.skip(reason)
+    return path
+
+
+def _parents(path):
+    out = []
+    while path not in ("/", ""):
+        path = os.path.dirname(path)
+        out.append(path)
+    return out
+
+
+def json_run(*args, timeout=180):
+    p = run_cli("run", *args, "--json", timeout=timeout)
+    assert p.returncode in (0, 1), p.stderr
+    assert p.stderr == "", p.stderr
+    return json.loads(p.stdout)
+
+
+def device_status(path):
+    return json.loads(run_cli("info", path, "--json").stdout)["status"]
+
+
+@pytest.mark.vdpa
+@pytest.mark.parametrize("var,want", [("SVQ_NET_DEV", 1), ("SVQ_BLK_DEV", 2), ("SVQ_VDUSE_DEV", 2)])
+def test_smoke_get_device_id(var, want):
+    import fcntl
+    fd = os.open(device(var), os.O_RDWR)
+    try:
+        buf = ctypes.c_uint32()
+        fcntl.ioctl(fd, 0x8004af70, buf, True)
+        assert buf.value == want
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.vdpa
+def test_info_decodes_all_devices():
+    net = json.loads(run_cli("info", device("SVQ_NET_DEV"), "--json").stdout)
+    assert net["type"] == "net" and net["config"]["mac"] == "52:54:00:12:34:56"
+    assert net["config"]["mtu"] == 1500 and net["max_queue_size"] == 256
+    assert {"VERSION_1", "ACCESS_PLATFORM", "MAC", "CTRL_VQ"} <= set(net["device_feature_names"])
+    assert {"IOTLB_MSG_V2", "SUSPEND"} <= set(net["backend_feature_names"])
+    assert net["groups"] == 2 and net["address_spaces"] == 2 and net["status"] == ["RESET"]
+    blk = json.loads(run_cli("info", device("SVQ_BLK_DEV"), "--json").stdout)
+    assert blk["type"] == "blk" and blk["config"]["capacity"] == 0x40000
+    vduse = json.loads(run_cli("info", device("SVQ_VDUSE_DEV"), "--json").stdout)
+    assert vduse["type"] == "blk" and vduse["config"]["capacity"] == 64 * 2048
+    assert "svq.py" not in run_cli("info", device("SVQ_BLK_DEV")).stderr
+
+
+@pytest.mark.vdpa
+@pytest.mark.parametrize("mode", ["shadow", "direct"])
+@pytest.mark.parametrize("var", ["SVQ_NET_DEV", "SVQ_BLK_DEV", "SVQ_VDUSE_DEV"])
+def test_traffic_is_clean(var, mode):
+    args = [device(var), "--seconds", "2"] + (["--direct"] if mode == "direct" else [])
+    if var != "SVQ_NET_DEV":
+        args.append("--write")
+    s = json_run(*args)
+    assert s["errors"] == 0, s["error_messages"]
+    assert s["requests"] > 200 and s["mode"] == mode
+    assert s["type"] == ("net" if var == "SVQ_NET_DEV" else "blk")
+    if mode == "shadow":
+        assert s["dirty_pages"] > 0 and s["kicks"]["device"] > 0 and s["calls"]["device"] > 0
+    assert device_status(device(var)) == ["RESET"]
+
+
+@pytest.mark.vdpa
+def test_vduse_writes_land_in_image():
+    s = json_run(device("SVQ_VDUSE_DEV"), "--count", "600", "--write", "--indirect")
+    assert s["errors"] == 0 and s["flushed"], s
+    sectors = s["request_size"] // 512
+    with open(os.environ["SVQ_VDUSE_IMAGE"], "rb") as f:
+        for req in range(0, 300, 37):
+            lba = req * sectors
+            f.seek(lba * 512)
+            assert f.read(512) == svq.BlkDriver.sector_pattern(s["run_id"], lba), lba
+
+
+@pytest.mark.vdpa
+@pytest.mark.parametrize("var", ["SVQ_NET_DEV", "SVQ_BLK_DEV"])
+def test_ring_indexes_wrap_on_device(var):
+    args = [device(var), "--count", "3000", "--ring-base", "64000"]
+    if var == "SVQ_BLK_DEV":
+        args.append("--write")
+    for mode in ([], ["--direct"]):
+        s = json_run(*args + mode)
+        assert s["errors"] == 0 and s["requests"] >= 3000, s
+
+
+@pytest.mark.vdpa
+def test_sigterm_mid_run_resets_device_and_it_is_reusable():
+    path = device("SVQ_NET_DEV")
+    p = subprocess.Popen(SVQ + ["run", path, "--seconds", "60", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+    time.sleep(8)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    s = json.loads(out)
+    assert s["interrupted"] == "SIGTERM" and s["requests"] > 0 and s["errors"] == 0
+    assert device_status(path) == ["RESET"]
+    s = json_run(path, "--count", "200")
+    assert s["errors"] == 0
+
+
+@pytest.mark.vdpa
+def test_device_error_cases_are_one_line():
+    path = device("SVQ_NET_DEV")
+    assert "above the device maximum 256" in one_line_error(run_cli(path, "--queue-size", "512"))
+    assert "power of two" in one_line_error(run_cli(path, "--queue-size", "100"))
+    fd = os.open(path, os.O_RDWR)        # another holder: the device is busy
+    try:
+        assert "busy" in one_line_error(run_cli(path))
+    finally:
+        os.close(fd)
+    setpriv = shutil.which("setpriv")
+    exe = os.path.realpath(sys.executable)
+    others_can_run = all(os.stat(d).st_mode & 0o001 for d in
+                         [os.path.dirname(exe)] + [os.path.dirname(d) for d in
+                                                   [exe] * 0] + _parents(exe) + _parents(HERE))
+    if setpriv and os.geteuid() == 0 and others_can_run:
+        p = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"] + SVQ
+                           + [path], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=60)
+        assert "ermission denied" in one_line_error(p)
+    assert device_status(path) == ["RESET"]
+    assert json_run(path, "--count", "100")["errors"] == 0
