@@ -31,8 +31,12 @@ vmtest: setup
 demo: setup
 	$(VM_RUN) sh -c 'exec $(PYTHON) svq.py "$$SVQ_NET_DEV"'
 
-bench:
-	$(PYTHON) svq.py bench --out .cache/bench
+# Benchmarks: the copier and import time here, direct against shadow on the
+# three devices in one VM run; prints the table, writes .cache/bench/*.json.
+# BASELINE=old.json prints the change against an earlier results file.
+BENCH_ARGS ?=
+bench: setup
+	$(PYTHON) bench.py run $(if $(BASELINE),--compare $(BASELINE)) $(BENCH_ARGS)
 
 # The rig's own check: device ids of the three devices, SVQ_OUT writable.
 smoke: setup

@@ -1,0 +1,867 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""bench.py: svq.py's benchmarks (`make bench`).
+
+    python3 bench.py [run] [--compare OLD.json]   everything: copier and import
+                                                  time here, devices in the VM
+    python3 bench.py run --no-vm                  host part only
+    python3 bench.py table FILE [--compare OLD]   print a results file again
+    python3 bench.py profile                      cProfile of the copier loop
+    python3 bench.py vm --out FILE                (inside the VM; run by `run`)
+
+Device benchmarks run `svq.py run DEV --json` in one VM (vm/run), direct and
+shadow mode interleaved, round after round, and report median [min-max] of
+each and the ratio of the medians.  The copier benchmark drives a
+ShadowVirtqueue in this process: a minimal driver posts chains on a guest
+ring, svq.forward_avail() copies them to the shadow ring, a minimal device
+stand-in completes them, svq.flush() returns them to the guest used ring.
+Results go to .cache/bench/bench-YYYYmmdd-HHMMSS.json.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+OUT_DIR = os.path.join(ROOT, ".cache", "bench")
+SVQ = os.path.join(ROOT, "svq.py")
+
+# Targets of the issue (benchmark only, never timed tests).
+TARGET_RATIO = 0.90
+TARGET_COPIER = 1000000          # 2-descriptor round trips/s on one core
+TARGET_IMPORT_MS = 50.0
+TARGET_RSS_MIB = 30.0
+QEMU_C_SVQ_RATIO = 0.86          # netperf 9006 -> 7731 Mbit/s
+
+# id, device variable, device label, size, write
+DEVICE_CASES = [
+    ("net-64", "SVQ_NET_DEV", "vdpa_sim_net", 64, False),
+    ("net-1500", "SVQ_NET_DEV", "vdpa_sim_net", 1500, False),
+    ("net-1514", "SVQ_NET_DEV", "vdpa_sim_net", 1514, False),
+    ("blk-4k-read", "SVQ_BLK_DEV", "vdpa_sim_blk", 4096, False),
+    ("blk-4k-write", "SVQ_BLK_DEV", "vdpa_sim_blk", 4096, True),
+    ("blk-64k-read", "SVQ_BLK_DEV", "vdpa_sim_blk", 65536, False),
+    ("blk-64k-write", "SVQ_BLK_DEV", "vdpa_sim_blk", 65536, True),
+    ("vduse-4k-read", "SVQ_VDUSE_DEV", "VDUSE blk", 4096, False),
+    ("vduse-4k-write", "SVQ_VDUSE_DEV", "VDUSE blk", 4096, True),
+    ("vduse-64k-read", "SVQ_VDUSE_DEV", "VDUSE blk", 65536, False),
+    ("vduse-64k-write", "SVQ_VDUSE_DEV", "VDUSE blk", 65536, True),
+]
+
+
+def note(msg):
+    sys.stderr.write("bench: %s\n" % msg)
+    sys.stderr.flush()
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+# ============================================================================
+# Machine description
+# ============================================================================
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def machine():
+    cpu = re.search(r"^model name\s*:\s*(.*)$", _read("/proc/cpuinfo"), re.M)
+    mem = re.search(r"^MemTotal:\s*(\d+) kB", _read("/proc/meminfo"), re.M)
+    return {
+        "cpu": cpu.group(1).strip() if cpu else platform.processor() or "?",
+        "cpus": os.cpu_count(),
+        "memory_mib": int(mem.group(1)) // 1024 if mem else None,
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        "python": platform.python_version(),
+        "python_impl": platform.python_implementation(),
+    }
+
+
+def git_commit():
+    try:
+        rev = subprocess.check_output(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                      stderr=subprocess.DEVNULL, universal_newlines=True).strip()
+        dirty = subprocess.call(["git", "-C", ROOT, "diff", "--quiet", "HEAD", "--", "svq.py"],
+                                stderr=subprocess.DEVNULL)
+        return rev + ("+svq.py-modified" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ============================================================================
+# Device benchmarks (inside the VM)
+# ============================================================================
+
+_STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+
+
+def proc_status_kib(pid):
+    out = {}
+    for line in _read("/proc/%d/status" % pid).splitlines():
+        k, _, v = line.partition(":")
+        if k in _STATUS_KEYS:
+            out[k] = int(v.split()[0])
+    return out
+
+
+def svq_run(dev, seconds, size, write, direct, timeout):
+    argv = [sys.executable, SVQ, "run", dev, "--json", "--seconds", str(seconds),
+            "--size", str(size)]
+    if direct:
+        argv.append("--direct")
+    if write:
+        argv.append("--write")
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "failure": "timed out after %ds" % timeout}
+    res = {"rc": p.returncode}
+    try:
+        s = json.loads(p.stdout)
+    except ValueError:
+        res["failure"] = (p.stderr.strip() or p.stdout.strip() or "no output")[-400:]
+        return res
+    for k in ("requests", "bytes", "seconds", "requests_per_second", "mbit_per_second",
+              "errors", "kicks", "calls", "parked", "latency_us"):
+        res[k] = s.get(k)
+    if s.get("errors"):
+        res["error_messages"] = s.get("error_messages", [])[:3]
+    return res
+
+
+def measure_rss(argv, warmup, seconds):
+    """Peak of (VmRSS - RssShmem) over a run, sampled every 50 ms after warmup."""
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    best = None
+    t0 = time.monotonic()
+    try:
+        while p.poll() is None and time.monotonic() - t0 < seconds + 30:
+            time.sleep(0.05)
+            if time.monotonic() - t0 < warmup:
+                continue
+            st = proc_status_kib(p.pid)
+            if "VmRSS" in st and "RssShmem" in st:
+                own = st["VmRSS"] - st["RssShmem"]
+                if best is None or own > best["own_kib"]:
+                    best = dict(st, own_kib=own)
+    finally:
+        if p.poll() is None:
+            p.terminate()
+        _, err = p.communicate()
+    if best is None:
+        return {"failure": err.decode(errors="replace")[-400:]}
+    best["rc"] = p.returncode
+    return best
+
+
+def cmd_vm(args):
+    """Runs inside the VM: all device benchmarks, then memory; writes JSON."""
+    devs = {}
+    for var in ("SVQ_NET_DEV", "SVQ_BLK_DEV", "SVQ_VDUSE_DEV"):
+        if os.environ.get(var):
+            devs[var] = os.environ[var]
+    cases = [c for c in DEVICE_CASES if c[1] in devs and
+             (not args.only or any(c[0].startswith(o) for o in args.only.split(",")))]
+    out = {"machine": machine(), "rounds": args.rounds, "seconds": args.seconds,
+           "devices": devs, "runs": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    t0 = time.monotonic()
+    total = args.rounds * len(cases) * 2
+    done = 0
+    for rnd in range(args.rounds):
+        # Alternate which mode goes first so neither always runs second.
+        modes = ("direct", "shadow") if rnd % 2 == 0 else ("shadow", "direct")
+        for cid, var, _, size, write in cases:
+            for mode in modes:
+                r = svq_run(devs[var], args.seconds, size, write, mode == "direct",
+                            timeout=int(args.seconds * 10 + 60))
+                r.update(case=cid, mode=mode, round=rnd)
+                out["runs"].append(r)
+                done += 1
+                if "failure" in r or r.get("errors"):
+                    note("round %d %s %s: %s" % (rnd, cid, mode,
+                                                 r.get("failure") or r.get("error_messages")))
+                note("[%3d/%d %4.0fs] round %d %-16s %-6s %10s req/s" % (
+                    done, total, time.monotonic() - t0, rnd + 1, cid, mode,
+                    r.get("requests_per_second")))
+    # Resident memory of svq.py run beyond the guest memory (shared) it maps.
+    mem = {}
+    py = sys.executable
+    if "SVQ_NET_DEV" in devs:
+        for mode in ("shadow", "direct"):
+            argv = [py, SVQ, "run", devs["SVQ_NET_DEV"], "--json", "--seconds", "3"]
+            if mode == "direct":
+                argv.append("--direct")
+            mem["net-" + mode] = measure_rss(argv, 1.0, 3)
+    if "SVQ_BLK_DEV" in devs:
+        mem["blk-64k-write-shadow"] = measure_rss(
+            [py, SVQ, "run", devs["SVQ_BLK_DEV"], "--json", "--seconds", "3",
+             "--size", "65536", "--write"], 1.0, 3)
+    mem["python-import-svq"] = measure_rss(
+        [py, "-c", "import sys, time; sys.path.insert(0, %r); import svq; time.sleep(1.5)"
+         % ROOT], 1.0, 1.5)
+    mem["python-bare"] = measure_rss([py, "-c", "import time; time.sleep(1.5)"], 1.0, 1.5)
+    out["memory"] = mem
+    out["elapsed"] = round(time.monotonic() - t0, 1)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+    note("device results in %s (%.0f s)" % (args.out, out["elapsed"]))
+    return 0
+
+
+def run_vm(args):
+    """Host side: one vm/run for all device benchmarks; returns the VM's JSON."""
+    env = dict(os.environ)
+    env.setdefault("SVQ_VM_TIMEOUT", "2400")
+    name = "bench-vm-%d.json" % os.getpid()
+    inner = ("exec %s bench.py vm --rounds %d --seconds %s --out \"$SVQ_OUT/%s\"%s"
+             % ("python3", args.rounds, args.seconds, name,
+                " --only %s" % args.only if args.only else ""))
+    argv = [sys.executable, os.path.join(ROOT, "vm", "run"), "sh", "-c", inner]
+    note("device benchmarks in the VM: %d rounds x %s s x 2 modes" % (args.rounds, args.seconds))
+    p = subprocess.Popen(argv, stdout=sys.stderr, stderr=subprocess.PIPE, cwd=ROOT, env=env,
+                         universal_newlines=True)
+    out_dir = None
+    for line in p.stderr:
+        sys.stderr.write(line)
+        m = re.search(r"SVQ_OUT on the host: (\S+)", line)
+        if m:
+            out_dir = m.group(1)
+    rc = p.wait()
+    if out_dir is None:
+        note("vm/run failed (exit %d) and did not name its SVQ_OUT" % rc)
+        return None
+    path = os.path.join(out_dir, name)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        note("vm/run exit %d; no device results (%s)" % (rc, e))
+        return None
+    if rc != 0:
+        note("vm/run exit %d; using the results it wrote" % rc)
+    return data
+
+
+def summarize_devices(vm):
+    rows = []
+    for cid, var, label, size, write in DEVICE_CASES:
+        runs = [r for r in vm["runs"] if r["case"] == cid]
+        if not runs:
+            continue
+        row = {"case": cid, "device": label, "size": size, "write": write}
+        failed = 0
+        for mode in ("direct", "shadow"):
+            ok = [r for r in runs if r["mode"] == mode and "failure" not in r
+                  and r.get("requests")]
+            failed += sum(1 for r in runs if r["mode"] == mode) - len(ok)
+            rps = [r["requests_per_second"] for r in ok]
+            mbs = [r["mbit_per_second"] for r in ok]
+            row[mode] = {"n": len(ok), "rps": median(rps),
+                         "rps_min": min(rps) if rps else None,
+                         "rps_max": max(rps) if rps else None,
+                         "mbit": median(mbs), "mbit_min": min(mbs) if mbs else None,
+                         "mbit_max": max(mbs) if mbs else None,
+                         "errors": sum(r.get("errors") or 0 for r in ok)}
+        row["failed_runs"] = failed
+        d, s = row["direct"]["rps"], row["shadow"]["rps"]
+        row["ratio"] = round(s / d, 3) if d and s else None
+        # Per-round ratios (direct and shadow of the same round): the spread.
+        per = []
+        for rnd in range(vm["rounds"]):
+            pair = {r["mode"]: r.get("requests_per_second") for r in runs if r["round"] == rnd}
+            if pair.get("direct") and pair.get("shadow"):
+                per.append(pair["shadow"] / pair["direct"])
+        row["round_ratios"] = [round(x, 3) for x in per]
+        rows.append(row)
+    return rows
+
+
+# ============================================================================
+# Copier benchmark (host, no device)
+# ============================================================================
+
+class Copier:
+    """A guest split ring with a minimal driver, a ShadowVirtqueue, and a
+    device stand-in completing chains synchronously.  shadow=False completes
+    the guest ring itself (driver + device only: the baseline)."""
+
+    GUEST_BASE = 0x100000
+    IOVA_OFFSET = 0x40000000
+    BUF = 1500
+    HDR = 12
+
+    def __init__(self, chain, batch, shadow=True, notify=True, num=256):
+        import svq
+        self.svq_mod = svq
+        self.chain, self.batch, self.shadow, self.notify, self.num = chain, batch, shadow, notify, num
+        self.nheads = 1 << ((num // chain).bit_length() - 1)   # a power of two
+        if batch > self.nheads:
+            raise ValueError("batch %d > %d chains" % (batch, self.nheads))
+        total, doff, aoff, uoff = svq.SplitRing.layout(num)
+        ring_bytes = svq.page_align_up(total)
+        buf_base = self.GUEST_BASE + ring_bytes
+        mem_size = ring_bytes + svq.page_align_up(self.nheads * 2048)
+        self.mem = mem = svq.GuestMemory.anonymous([(self.GUEST_BASE, mem_size)])
+        for r in mem.regions:
+            r.iova = r.gpa + self.IOVA_OFFSET
+        view = mem.view(self.GUEST_BASE, total)
+        self.gring = svq.SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
+        self.used_gpa = self.GUEST_BASE + uoff
+        # The chains are posted once; each round trip reposts them by head.
+        D = svq._DESC
+        self.heads = []
+        for h in range(self.nheads):
+            gpa = buf_base + h * 2048
+            first = h * chain
+            if chain == 1:      # one writable buffer (net RX)
+                D.pack_into(self.gring.desc, first * 16, gpa, self.BUF, svq.VRING_DESC_F_WRITE, 0)
+            else:               # readable header, then writable buffers (blk read)
+                D.pack_into(self.gring.desc, first * 16, gpa, self.HDR,
+                            svq.VRING_DESC_F_NEXT, first + 1)
+                for k in range(1, chain):
+                    last = k == chain - 1
+                    D.pack_into(self.gring.desc, (first + k) * 16, gpa + 64 + (k - 1) * 512,
+                                self.BUF if chain == 2 else 512,
+                                svq.VRING_DESC_F_WRITE | (0 if last else svq.VRING_DESC_F_NEXT),
+                                0 if last else first + k + 1)
+            self.heads.append(first)
+        self.used_len = self.BUF if chain <= 2 else 512 * (chain - 1)
+        self.fds = []
+        guest_features = (1 << svq.VIRTIO_RING_F_EVENT_IDX) | (1 << svq.VIRTIO_RING_F_INDIRECT_DESC)
+        device_features = 0     # like vdpa_sim: no event index on the device side
+        if shadow:
+            self.smem = svq.SharedMemory(total)
+            sm = self.smem.mv
+            self.sring = svq.SplitRing(num, sm[doff:aoff], sm[aoff:uoff], sm[uoff:total])
+            fds = [svq.eventfd() for _ in range(4)]
+            self.fds = fds
+            self.log = svq.DirtyLog(mem.size >> svq.PAGE_SHIFT)
+            self.q = svq.ShadowVirtqueue(
+                0, mem, self.gring, self.sring, (0x1000, 0x2000, 0x3000),
+                guest_features, device_features, fds[0], fds[1], fds[2], fds[3],
+                log=self.log, log_used_gpa=self.used_gpa)
+            dev_ring = self.sring
+        else:
+            self.smem = None
+            self.q = None
+            dev_ring = self.gring
+        self.dev_ring = dev_ring
+        if not notify:
+            # A polling device: it asks for no kicks.
+            svq._U16.pack_into(dev_ring.used, 0, svq.VRING_USED_F_NO_NOTIFY)
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.q = self.gring = self.sring = self.dev_ring = None
+        if self.smem is not None:
+            self.smem.close()
+        self.mem.close()
+
+    def make_loop(self):
+        """The measured loop, as a closure over locals: run(n_batches)."""
+        U16 = struct.Struct("<H")
+        USED = struct.Struct("<II")
+        pack16, unpack16 = U16.pack_into, U16.unpack_from
+        pack_used, unpack_used = USED.pack_into, USED.unpack_from
+        g = self.gring
+        gavail, gused = g.avail, g.used
+        used_event_off = g.used_event_off
+        davail, dused = self.dev_ring.avail, self.dev_ring.used
+        mask = self.num - 1
+        hmask = self.nheads - 1
+        heads = self.heads
+        batch = self.batch
+        used_len = self.used_len
+        notify = self.notify
+        q = self.q
+        forward = q.forward_avail if q is not None else None
+        flush = q.flush if q is not None else None
+        state = {"aidx": 0, "dev_last": 0, "drv_used": 0, "bad": 0}
+
+        def run(n):
+            aidx, dev_last, drv_used = state["aidx"], state["dev_last"], state["drv_used"]
+            bad = 0
+            for _ in range(n):
+                # Driver: post `batch` chains and publish the avail index.
+                for k in range(aidx, aidx + batch):
+                    pack16(gavail, 4 + (k & mask) * 2, heads[k & hmask])
+                aidx = (aidx + batch) & 0xffff
+                pack16(gavail, 2, aidx)
+                if forward is not None:
+                    forward()
+                # Device stand-in: complete everything available, in order.
+                end = unpack16(davail, 2)[0]
+                i = dev_last
+                while i != end:
+                    pack_used(dused, 4 + (i & mask) * 8, unpack16(davail, 4 + (i & mask) * 2)[0],
+                              used_len)
+                    i = (i + 1) & 0xffff
+                dev_last = i
+                pack16(dused, 2, i)
+                if flush is not None:
+                    flush()
+                # Driver: consume the used entries, check them, re-arm calls.
+                uend = unpack16(gused, 2)[0]
+                while drv_used != uend:
+                    head, length = unpack_used(gused, 4 + (drv_used & mask) * 8)
+                    if head != heads[drv_used & hmask] or length != used_len:
+                        bad += 1
+                    drv_used = (drv_used + 1) & 0xffff
+                pack16(gavail, used_event_off, drv_used if notify else (drv_used + 0x8000) & 0xffff)
+            state.update(aidx=aidx, dev_last=dev_last, drv_used=drv_used)
+            state["bad"] += bad
+            if drv_used != aidx:
+                raise RuntimeError("copier lost requests: %d posted, %d returned" % (aidx, drv_used))
+        return run, state
+
+
+def copier_case(chain, batch, shadow=True, notify=True, seconds=0.25, reps=5):
+    """Median over reps of a timed run: round trips/s (wall), CPU us/request,
+    eventfd writes per request done by svq."""
+    c = Copier(chain, batch, shadow, notify)
+    try:
+        run, state = c.make_loop()
+        run(max(1, 2048 // batch))                      # warm up
+        # Calibrate: batches per timed chunk of about 20 ms.
+        n = max(1, 256 // batch)
+        while True:
+            t = time.perf_counter()
+            run(n)
+            if time.perf_counter() - t > 0.02:
+                break
+            n *= 2
+        rates, cpus = [], []
+        stats = c.q.stats if c.q is not None else None
+        k0 = (stats.device_kicks, stats.guest_calls) if stats else (0, 0)
+        reqs_total = 0
+        for _ in range(reps):
+            reqs = 0
+            w0, c0 = time.perf_counter(), time.process_time()
+            while time.perf_counter() - w0 < seconds:
+                run(n)
+                reqs += n * batch
+            w1, c1 = time.perf_counter(), time.process_time()
+            rates.append(reqs / (w1 - w0))
+            cpus.append((c1 - c0) / reqs * 1e6)
+            reqs_total += reqs
+        if state["bad"]:
+            raise RuntimeError("copier returned %d wrong used entries" % state["bad"])
+        res = {"chain": chain, "batch": batch, "mode": "shadow" if shadow else "baseline",
+               "notify": notify, "round_trips_per_s": median(rates),
+               "rate_min": min(rates), "rate_max": max(rates),
+               "cpu_us_per_req": median(cpus), "requests": reqs_total}
+        if stats:
+            res["device_kicks_per_req"] = (stats.device_kicks - k0[0]) / reqs_total
+            res["guest_calls_per_req"] = (stats.guest_calls - k0[1]) / reqs_total
+            res["dirty_pages"] = c.log.count()
+        return res
+    finally:
+        c.close()
+
+
+COPIER_CASES = [
+    # chain, batch, notify
+    (1, 64, True), (2, 64, True), (1, 1, True), (2, 1, True), (2, 64, False), (3, 64, True),
+]
+
+
+def copier_bench(seconds=0.25, reps=5):
+    note("copier benchmark (host, one core)")
+    rows = []
+    base = {}
+    for chain, batch, notify in COPIER_CASES:
+        key = (chain, batch, notify)
+        b = copier_case(chain, batch, shadow=False, notify=notify, seconds=seconds, reps=reps)
+        s = copier_case(chain, batch, shadow=True, notify=notify, seconds=seconds, reps=reps)
+        s["baseline_round_trips_per_s"] = b["round_trips_per_s"]
+        s["baseline_cpu_us_per_req"] = b["cpu_us_per_req"]
+        # What the shadow virtqueue itself costs: shadow minus baseline loop.
+        s["svq_cpu_us_per_req"] = s["cpu_us_per_req"] - b["cpu_us_per_req"]
+        s["id"] = "%ddesc-b%d%s" % (chain, batch, "" if notify else "-polled")
+        base[key] = b
+        rows.append(s)
+        note("  %-14s %9.0f round trips/s  %.2f us CPU/req (svq %.2f)  baseline %9.0f/s"
+             % (s["id"], s["round_trips_per_s"], s["cpu_us_per_req"],
+                s["svq_cpu_us_per_req"], b["round_trips_per_s"]))
+    return rows
+
+
+def load_svq(path):
+    """Make `import svq` load `path` (to try a changed svq.py on the copier)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("svq", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["svq"] = mod
+    spec.loader.exec_module(mod)
+    note("copier uses %s" % path)
+    return mod
+
+
+def cmd_profile(args):
+    import cProfile
+    import pstats
+    sys.path.insert(0, ROOT)
+    if args.svq:
+        load_svq(args.svq)
+    c = Copier(args.chain, args.batch, True, not args.polled)
+    try:
+        run, _ = c.make_loop()
+        run(100)
+        n = max(1, 200000 // args.batch)
+        prof = cProfile.Profile()
+        prof.enable()
+        run(n)
+        prof.disable()
+    finally:
+        c.close()
+    st = pstats.Stats(prof, stream=sys.stdout)
+    print("cProfile: %d round trips of %d-descriptor chains, batch %d%s"
+          % (n * args.batch, args.chain, args.batch, ", polled" if args.polled else ""))
+    st.strip_dirs().sort_stats(args.sort).print_stats(args.top)
+    return 0
+
+
+# ============================================================================
+# import time
+# ============================================================================
+
+def import_time(reps=11):
+    code = ("import sys, time; sys.path.insert(0, %r); t = time.perf_counter(); "
+            "import svq; print(time.perf_counter() - t)" % ROOT)
+    times, walls = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = subprocess.check_output([sys.executable, "-c", code], universal_newlines=True)
+        walls.append(time.perf_counter() - t)
+        times.append(float(out.strip()) * 1000)
+    bare = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        subprocess.check_call([sys.executable, "-c", "pass"])
+        bare.append(time.perf_counter() - t)
+    # -X importtime: svq.py's own part (self time of the svq module).
+    self_us = None
+    p = subprocess.run([sys.executable, "-X", "importtime", "-c",
+                        "import sys; sys.path.insert(0, %r); import svq" % ROOT],
+                       stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, universal_newlines=True)
+    for line in p.stderr.splitlines():
+        m = re.match(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*svq$", line)
+        if m:
+            self_us = int(m.group(1))
+    return {"import_ms": median(times), "import_ms_min": min(times), "import_ms_max": max(times),
+            "svq_module_self_ms": self_us / 1000 if self_us is not None else None,
+            "process_ms": median(walls) * 1000, "bare_python_ms": median(bare) * 1000,
+            "reps": reps}
+
+
+# ============================================================================
+# Table, comparison
+# ============================================================================
+
+def _fmt(x, digits=0):
+    if x is None:
+        return "-"
+    if digits == 0:
+        return "{:,.0f}".format(x)
+    return "{:,.{}f}".format(x, digits)
+
+
+def _cell(m, key, digits=0):
+    if not m or m.get(key) is None:
+        return "-"
+    return "%s [%s-%s]" % (_fmt(m[key], digits), _fmt(m[key + "_min"], digits),
+                           _fmt(m[key + "_max"], digits))
+
+
+def _case_label(row):
+    if row["case"].startswith("net"):
+        return "%s %d B frames" % (row["device"], row["size"])
+    size = "4 KiB" if row["size"] == 4096 else "64 KiB" if row["size"] == 65536 else "%d B" % row["size"]
+    return "%s %s %s" % (row["device"], size, "write+readback" if row["write"] else "read")
+
+
+def device_metric(row):
+    """(unit, key, digits, scale) of the main metric of a device row."""
+    if row["case"].startswith("net"):
+        return "frames/s", "rps", 0
+    if row["size"] >= 65536:
+        return "MB/s", "mbit", 1
+    return "IOPS", "rps", 0
+
+
+def _scaled(m, key, factor):
+    if not m or m.get(key) is None:
+        return m
+    out = dict(m)
+    for k in (key, key + "_min", key + "_max"):
+        out[k] = m[k] * factor
+    return out
+
+
+def format_table(res):
+    L = []
+    mach = res["machine"]
+    L.append("svq.py %s benchmarks, %s" % (res.get("svq_version") or "", res["date"]))
+    L.append("Host: %s, %d CPUs, %s MiB, Linux %s, Python %s; commit %s" % (
+        mach["cpu"], mach["cpus"], mach["memory_mib"], mach["kernel"], mach["python"],
+        res.get("commit")))
+    vm = res.get("vm")
+    if res.get("devices"):
+        vmm = vm["machine"]
+        L.append("")
+        L.append("Device benchmarks: VM rig (Linux %s, QEMU %s, %d vCPUs), "
+                 "%d rounds of %s s per mode, direct and shadow interleaved;"
+                 % (vmm["kernel"], vm.get("accel", "TCG"), vmm["cpus"], vm["rounds"], vm["seconds"]))
+        L.append("median [min-max] of the rounds; ratio = shadow median / direct median "
+                 "(target >= %.2f; QEMU's C SVQ: %.2f)." % (TARGET_RATIO, QEMU_C_SVQ_RATIO))
+        L.append("")
+        L.append("| benchmark | unit | direct | shadow | shadow/direct | also |")
+        L.append("|---|---|---:|---:|---:|---|")
+        for row in res["devices"]:
+            unit, key, digits = device_metric(row)
+            d, s = row["direct"], row["shadow"]
+            if key == "mbit":       # MB/s
+                d, s = _scaled(d, "mbit", 1 / 8), _scaled(s, "mbit", 1 / 8)
+            if row["case"].startswith("net"):
+                also = "Mbit/s %s -> %s" % (_fmt(row["direct"]["mbit"], 1), _fmt(row["shadow"]["mbit"], 1))
+            elif key == "mbit":
+                also = "IOPS %s -> %s" % (_fmt(row["direct"]["rps"]), _fmt(row["shadow"]["rps"]))
+            else:
+                also = "MB/s %s -> %s" % (_fmt(_mb(row["direct"]), 1), _fmt(_mb(row["shadow"]), 1))
+            flags = []
+            if row.get("failed_runs"):
+                flags.append("%d failed runs" % row["failed_runs"])
+            if d and d.get("errors") or s and s.get("errors"):
+                flags.append("integrity errors")
+            ratio = _fmt(row["ratio"], 2)
+            if flags:
+                ratio += " (%s)" % ", ".join(flags)
+            L.append("| %s | %s | %s | %s | %s | %s |" % (
+                _case_label(row), unit, _cell(d, key, digits), _cell(s, key, digits), ratio, also))
+        L.append("")
+        L.append("Blk \"write+readback\": svq.py run --write writes each block and reads it back "
+                 "to verify; requests count both.")
+    cop = res.get("copier")
+    if cop:
+        L.append("")
+        L.append("Copier (host, one core, no device): guest avail -> shadow ring -> device "
+                 "stand-in -> shadow used -> guest used;")
+        L.append("baseline = the same driver and stand-in on the guest ring, without svq; "
+                 "svq CPU = shadow minus baseline.")
+        L.append("")
+        L.append("| chains | batch | round trips/s | CPU us/req | svq CPU us/req | baseline round trips/s | "
+                 "eventfd writes/req |")
+        L.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in cop:
+            L.append("| %d-desc%s | %d | %s [%s-%s] | %.2f | %.2f | %s | %.3f |" % (
+                r["chain"], "" if r["notify"] else ", polled", r["batch"],
+                _fmt(r["round_trips_per_s"]), _fmt(r["rate_min"]), _fmt(r["rate_max"]),
+                r["cpu_us_per_req"], r["svq_cpu_us_per_req"], _fmt(r["baseline_round_trips_per_s"]),
+                r["device_kicks_per_req"] + r["guest_calls_per_req"]))
+    imp = res.get("import")
+    mem = (vm or {}).get("memory") or {}
+    if imp or mem:
+        L.append("")
+        L.append("| footprint | value | target |")
+        L.append("|---|---:|---:|")
+        if imp:
+            L.append("| `import svq` (fresh interpreter, median of %d) | %.1f ms [%.1f-%.1f] | < %.0f ms |"
+                     % (imp["reps"], imp["import_ms"], imp["import_ms_min"], imp["import_ms_max"],
+                        TARGET_IMPORT_MS))
+            L.append("| python3 -c pass / -c 'import svq' process | %.0f ms / %.0f ms | |"
+                     % (imp["bare_python_ms"], imp["process_ms"]))
+        for key, label in (("net-shadow", "svq.py run net, shadow"),
+                           ("net-direct", "svq.py run net, direct"),
+                           ("blk-64k-write-shadow", "svq.py run blk 64 KiB --write, shadow"),
+                           ("python-import-svq", "python3 after import svq, idle"),
+                           ("python-bare", "python3, nothing imported, idle")):
+            m = mem.get(key)
+            if not m or "own_kib" not in m:
+                continue
+            L.append("| RSS %s: VmRSS - RssShmem (VmRSS, RssShmem) | %.1f MiB (%.1f, %.1f) | %s |"
+                     % (label, m["own_kib"] / 1024, m["VmRSS"] / 1024, m["RssShmem"] / 1024,
+                        "< %.0f MiB" % TARGET_RSS_MIB if key.startswith("net-shadow") else ""))
+    L.append("")
+    L.extend(targets(res))
+    return "\n".join(L)
+
+
+def _mb(m):
+    return m["mbit"] / 8 if m and m.get("mbit") is not None else None
+
+
+def targets(res):
+    out = ["Targets:"]
+    rows = res.get("devices") or []
+    missed = [r for r in rows if r["ratio"] is not None and r["ratio"] < TARGET_RATIO]
+    if rows:
+        out.append("  shadow/direct >= %.2f: %d of %d met%s" % (
+            TARGET_RATIO, len(rows) - len(missed), len(rows),
+            "; missed: " + ", ".join("%s %.2f" % (r["case"], r["ratio"]) for r in missed)
+            if missed else ""))
+    for r in res.get("copier") or []:
+        if r["chain"] == 2 and r["batch"] == 64 and r["notify"]:
+            v = r["round_trips_per_s"]
+            out.append("  copier 2-desc >= %s/s: %s/s (%s; %.0f%% of target)" % (
+                _fmt(TARGET_COPIER), _fmt(v), "met" if v >= TARGET_COPIER else "missed",
+                v / TARGET_COPIER * 100))
+    imp = res.get("import")
+    if imp:
+        out.append("  import svq < %.0f ms: %.1f ms (%s)" % (
+            TARGET_IMPORT_MS, imp["import_ms"], "met" if imp["import_ms"] < TARGET_IMPORT_MS else "missed"))
+    m = ((res.get("vm") or {}).get("memory") or {}).get("net-shadow")
+    if m and "own_kib" in m:
+        v = m["own_kib"] / 1024
+        out.append("  svq.py own RSS < %.0f MiB: %.1f MiB (%s)" % (
+            TARGET_RSS_MIB, v, "met" if v < TARGET_RSS_MIB else "missed"))
+    return out
+
+
+def metrics(res):
+    """Flat {name: (value, higher_is_better)} for comparing two results files."""
+    m = {}
+    for r in res.get("devices") or []:
+        for mode in ("direct", "shadow"):
+            if r[mode]["rps"] is not None:
+                m["%s %s req/s" % (r["case"], mode)] = (r[mode]["rps"], True)
+        if r["ratio"] is not None:
+            m["%s shadow/direct" % r["case"]] = (r["ratio"], True)
+    for r in res.get("copier") or []:
+        m["copier %s round trips/s" % r["id"]] = (r["round_trips_per_s"], True)
+        m["copier %s svq us/req" % r["id"]] = (r["svq_cpu_us_per_req"], False)
+    if res.get("import"):
+        m["import svq ms"] = (res["import"]["import_ms"], False)
+    for k, v in ((res.get("vm") or {}).get("memory") or {}).items():
+        if "own_kib" in v:
+            m["RSS %s MiB" % k] = (v["own_kib"] / 1024, False)
+    return m
+
+
+def format_compare(new, old, old_path):
+    a, b = metrics(old), metrics(new)
+    L = ["", "Change against %s (%s, commit %s):" % (old_path, old.get("date"), old.get("commit")),
+         "| metric | before | now | change |", "|---|---:|---:|---:|"]
+    for k, (v, better_up) in b.items():
+        if k not in a:
+            continue
+        o = a[k][0]
+        if not o:
+            continue
+        ch = (v - o) / abs(o) * 100
+        good = (ch > 0) == better_up
+        mark = "" if abs(ch) < 3 else (" (better)" if good else " (worse)")
+        digits = 0 if abs(v) >= 100 else 2
+        L.append("| %s | %s | %s | %+.1f%%%s |" % (k, _fmt(o, digits), _fmt(v, digits), ch, mark))
+    return "\n".join(L)
+
+
+# ============================================================================
+# Commands
+# ============================================================================
+
+def svq_version():
+    m = re.search(r'^__version__ = "([^"]+)"', _read(SVQ), re.M)
+    return m.group(1) if m else None
+
+
+def cmd_run(args):
+    t0 = time.monotonic()
+    res = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": machine(),
+           "commit": git_commit(), "svq_version": svq_version(),
+           "settings": {"rounds": args.rounds, "seconds": args.seconds}}
+    sys.path.insert(0, ROOT)
+    if args.svq:
+        load_svq(args.svq)
+        res["copier_svq"] = args.svq
+    res["copier"] = copier_bench(seconds=args.copier_seconds)
+    note("import time")
+    res["import"] = import_time()
+    if not args.no_vm:
+        vm = run_vm(args)
+        if vm is not None:
+            accel = _read(os.path.join(ROOT, ".cache", "vm", "accel")).strip()
+            vm["accel"] = os.environ.get("SVQ_VM_ACCEL") or accel.upper() or "?"
+            res["vm"] = vm
+            res["devices"] = summarize_devices(vm)
+    res["elapsed_seconds"] = round(time.monotonic() - t0, 1)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "bench-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(format_table(res))
+    if args.compare:
+        with open(args.compare) as f:
+            print(format_compare(res, json.load(f), args.compare))
+    print("\nResults: %s (%.0f s)" % (os.path.relpath(path, ROOT), res["elapsed_seconds"]))
+    if not args.no_vm and "devices" not in res:
+        return 1
+    return 0
+
+
+def cmd_table(args):
+    with open(args.file) as f:
+        res = json.load(f)
+    print(format_table(res))
+    if args.compare:
+        with open(args.compare) as f:
+            print(format_compare(res, json.load(f), args.compare))
+    return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bench.py", description="svq.py benchmarks")
+    sub = p.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="all benchmarks (default)")
+    r.add_argument("--rounds", type=int, default=5, help="device rounds (default 5)")
+    r.add_argument("--seconds", type=float, default=1.0, help="seconds per device run (default 1)")
+    r.add_argument("--copier-seconds", type=float, default=0.25)
+    r.add_argument("--only", help="device cases whose id starts with one of these (comma list)")
+    r.add_argument("--no-vm", action="store_true", help="host benchmarks only")
+    r.add_argument("--out", default=OUT_DIR, help="results folder (default .cache/bench)")
+    r.add_argument("--compare", metavar="OLD.json", help="print the change against a results file")
+    r.add_argument("--svq", metavar="FILE", help="copier: benchmark this svq.py instead (device "
+                   "runs always use ./svq.py)")
+    v = sub.add_parser("vm", help="(inside the VM) device benchmarks")
+    v.add_argument("--rounds", type=int, default=5)
+    v.add_argument("--seconds", type=float, default=1.0)
+    v.add_argument("--only")
+    v.add_argument("--out", required=True)
+    t = sub.add_parser("table", help="print a results file")
+    t.add_argument("file")
+    t.add_argument("--compare", metavar="OLD.json")
+    f = sub.add_parser("profile", help="cProfile of the copier loop")
+    f.add_argument("--chain", type=int, default=2)
+    f.add_argument("--batch", type=int, default=64)
+    f.add_argument("--polled", action="store_true")
+    f.add_argument("--sort", default="tottime")
+    f.add_argument("--top", type=int, default=20)
+    f.add_argument("--svq", metavar="FILE", help="profile this svq.py instead")
+    return p
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "run")
+    args = build_parser().parse_args(argv)
+    return {"run": cmd_run, "vm": cmd_vm, "table": cmd_table, "profile": cmd_profile}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
