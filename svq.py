@@ -583,14 +583,12 @@ class IOVAMap:
         return None
 
     def _find_hva(self, hva):
-        i = bisect.bisect_right(self._hva_starts, hva) - 1
-        while i >= 0:
+        # Host ranges may overlap (two IOVAs for one buffer), so look back
+        # from the last start <= hva until a range contains it.
+        for i in range(bisect.bisect_right(self._hva_starts, hva) - 1, -1, -1):
             m = self._hva_maps[i]
             if hva < m.hva + m.size:
                 return m
-            i -= 1
-            if i >= 0 and self._hva_maps[i].hva + (1 << 48) < hva:
-                break
         return None
 
     def translate(self, hva, size):
@@ -1093,6 +1091,9 @@ class DirtyLog:
             return
         first = gpa >> PAGE_SHIFT
         last = (gpa + length - 1) >> PAGE_SHIFT
+        if first == last and first < self.limit:      # the common case
+            self.buf[first >> 3] |= 1 << (first & 7)
+            return
         if last >= self.limit:
             last = self.limit - 1
         buf = self.buf
@@ -1194,9 +1195,12 @@ class ShadowVirtqueue:
         self.desc_count = [0] * snum
         self.desc_wlen = [0] * snum
         self.desc_wgpa = [-2] * snum
-        self.desc_gpa = [0] * snum              # per slot, for scattered logs
+        # Per slot, for logging scattered writes: GPA (-1 if device-readable)
+        # and length of each shadow descriptor.
+        self.desc_gpa = [-1] * snum
         self.desc_len = [0] * snum
-        self.desc_flags = [0] * snum
+        self.smask = snum - 1
+        self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
         self.in_flight = 0
         self.broken = None
         self.stats = stats if stats is not None else SvqStats()
@@ -1254,60 +1258,41 @@ class ShadowVirtqueue:
     def add(self, head):
         """Copy the guest chain at `head` into the shadow ring.  Returns False
         (nothing consumed) when the shadow ring has too few free descriptors."""
-        num = self.num
-        mem_region = self.mem.region
         table = self.guest.desc
-        table_n = num
+        table_n = self.num
         desc_next = self.desc_next
-        desc_gpa, desc_len, desc_flags = self.desc_gpa, self.desc_len, self.desc_flags
+        slot_gpa = self.desc_gpa
+        slot_len = self.desc_len
         sdesc = self.shadow.desc
         pack_desc = _DESC.pack_into
         unpack_desc = _DESC.unpack_from
+        # Region of the previous buffer: most buffers of a chain share it.
+        hint_gpa, hint_end, hint_delta = self._hint
         first = slot = self.free_head
-        last = -1
+        last = last_flags = 0
         avail = self.num_free
-        taken = 0
-        wlen = 0
+        taken = wlen = wend = 0
         wgpa = -2
-        wend = 0
-        seen_write = False
-        indirect = False
+        seen_write = indirect = False
         i = head
         hops = 0
         while True:
             if i >= table_n:
                 self._fail("guest", self.last_avail_idx,
                            "descriptor index %d out of range (head %d)" % (i, head))
-            addr, length, flags, nxt = unpack_desc(table, i * 16)
+            addr, length, flags, nxt = unpack_desc(table, i << 4)
             hops += 1
             if hops > table_n:
                 self._fail("guest", self.last_avail_idx,
                            "descriptor chain from head %d loops or is longer than the ring" % head)
             if flags & VRING_DESC_F_INDIRECT:
-                if indirect or not self.guest_indirect:
-                    self._fail("guest", self.last_avail_idx,
-                               "indirect descriptor %s (head %d)" % (
-                                   "nested" if indirect else "not negotiated", head))
-                if length == 0 or length % 16 or flags & VRING_DESC_F_NEXT:
-                    self._fail("guest", self.last_avail_idx,
-                               "bad indirect table length %d (head %d)" % (length, head))
-                view = self.mem.view(addr, length)
-                if view is None:
-                    self._fail("guest", self.last_avail_idx,
-                               "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
-                table, table_n, i, hops, indirect = view, length // 16, 0, 0, True
+                table, table_n = self._indirect_table(addr, length, flags, indirect, head)
+                i, hops, indirect = 0, 0, True
                 continue
             write = flags & VRING_DESC_F_WRITE
+            end = addr + length
             if write:
                 seen_write = True
-            elif seen_write:
-                self._fail("guest", self.last_avail_idx,
-                           "device-readable descriptor after a writable one (head %d)" % head)
-            # Translate GPA -> IOVA, one shadow descriptor per region crossed.
-            end = addr + length
-            if end > 0xffffffffffffffff:
-                self._fail("guest", self.last_avail_idx, "descriptor length overflows")
-            if write:
                 if wgpa == -2:
                     wgpa, wend = addr, end
                 elif wgpa >= 0 and addr == wend:
@@ -1315,39 +1300,56 @@ class ShadowVirtqueue:
                 else:
                     wgpa = -1
                 wlen += length
-            while True:
-                r = mem_region(addr)
-                if r is None or r.iova is None:
-                    self._fail("guest", self.last_avail_idx,
-                               "buffer [%#x, +%#x) outside guest memory (head %d)"
-                               % (addr, length, head))
-                piece = end - addr
-                if addr + piece > r.end:
-                    piece = r.end - addr
+            elif seen_write:
+                self._fail("guest", self.last_avail_idx,
+                           "device-readable descriptor after a writable one (head %d)" % head)
+            if hint_gpa <= addr and end <= hint_end:
+                # Fast path: the whole buffer lies in the hinted region.
                 if taken == avail:
-                    if taken + 1 > self.snum:
-                        self._fail("guest", self.last_avail_idx,
-                                   "chain needs more descriptors than the shadow ring has")
-                    return False            # park: retried when used entries free slots
+                    return self._no_room(taken)
                 nslot = desc_next[slot]
-                pack_desc(sdesc, slot * 16, r.iova + (addr - r.gpa), piece,
+                pack_desc(sdesc, slot << 4, addr + hint_delta, length,
                           write | VRING_DESC_F_NEXT, nslot)
-                desc_gpa[slot] = addr
-                desc_len[slot] = piece
-                desc_flags[slot] = write
+                if write:
+                    slot_gpa[slot] = addr
+                    slot_len[slot] = length
+                else:
+                    slot_gpa[slot] = -1
                 taken += 1
-                last = slot
-                slot = nslot
-                addr += piece
-                if addr >= end:
-                    break
+                last, last_flags, slot = slot, write, nslot
+            else:
+                # Translate GPA -> IOVA region by region: one shadow descriptor
+                # per region the buffer crosses.
+                if end > 0xffffffffffffffff:
+                    self._fail("guest", self.last_avail_idx, "descriptor length overflows")
+                while True:
+                    r = self.mem.region(addr)
+                    if r is None or r.iova is None:
+                        self._fail("guest", self.last_avail_idx,
+                                   "buffer [%#x, +%#x) outside guest memory (head %d)"
+                                   % (addr, length, head))
+                    hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
+                    piece = min(end, hint_end) - addr
+                    if taken == avail:
+                        return self._no_room(taken)
+                    nslot = desc_next[slot]
+                    pack_desc(sdesc, slot << 4, addr + hint_delta, piece,
+                              write | VRING_DESC_F_NEXT, nslot)
+                    slot_gpa[slot] = addr if write else -1
+                    slot_len[slot] = piece
+                    taken += 1
+                    last, last_flags, slot = slot, write, nslot
+                    addr += piece
+                    if addr >= end:
+                        break
+                self._hint = (hint_gpa, hint_end, hint_delta)
             if not flags & VRING_DESC_F_NEXT:
                 break
             i = nxt
         if taken == 0:
             self._fail("guest", self.last_avail_idx, "empty chain (head %d)" % head)
         # Terminate the shadow chain: rewrite the last descriptor's flags.
-        _U16.pack_into(sdesc, last * 16 + 12, desc_flags[last])
+        _U16.pack_into(sdesc, (last << 4) + 12, last_flags)
         self.free_head = slot
         self.num_free = avail - taken
         self.desc_state[first] = head
@@ -1356,10 +1358,30 @@ class ShadowVirtqueue:
         self.desc_wlen[first] = wlen
         self.desc_wgpa[first] = wgpa
         sidx = self.shadow_avail_idx
-        _U16.pack_into(self.shadow.avail, 4 + (sidx & (self.snum - 1)) * 2, first)
+        _U16.pack_into(self.shadow.avail, 4 + ((sidx & self.smask) << 1), first)
         self.shadow_avail_idx = (sidx + 1) & 0xffff
         self.in_flight += 1
         return True
+
+    def _no_room(self, taken):
+        """The shadow ring is full: park the chain (False) unless it can never fit."""
+        if taken >= self.snum:
+            self._fail("guest", self.last_avail_idx,
+                       "chain needs more descriptors than the shadow ring has")
+        return False
+
+    def _indirect_table(self, addr, length, flags, nested, head):
+        if nested or not self.guest_indirect:
+            self._fail("guest", self.last_avail_idx, "indirect descriptor %s (head %d)"
+                       % ("nested" if nested else "not negotiated", head))
+        if length == 0 or length % 16 or flags & VRING_DESC_F_NEXT:
+            self._fail("guest", self.last_avail_idx,
+                       "bad indirect table length %d (head %d)" % (length, head))
+        view = self.mem.view(addr, length)
+        if view is None:
+            self._fail("guest", self.last_avail_idx,
+                       "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
+        return view, length // 16
 
     def forward_avail(self):
         """Drain the guest avail ring into the shadow ring; True if anything was
@@ -1420,86 +1442,88 @@ class ShadowVirtqueue:
             self.forward_avail()
 
     # -- device -> guest --
-    def get_buf(self):
-        """Read one used entry from the shadow ring; returns (guest_head, len)
-        with the shadow chain returned to the free list, or None."""
-        if self.last_used_idx == self.shadow_used_idx:
-            self.shadow_used_idx = _U16.unpack_from(self.shadow.used, 2)[0]
-            # Read barrier: the used index before the entries it publishes.
-            smp_rmb()
-            if ((self.shadow_used_idx - self.last_used_idx) & 0xffff) > self.in_flight:
-                self._fail("device", self.shadow_used_idx,
-                           "used index moved by %d with %d requests in flight"
-                           % ((self.shadow_used_idx - self.last_used_idx) & 0xffff,
-                              self.in_flight))
-            if self.last_used_idx == self.shadow_used_idx:
-                return None
-        sid, length = _USED_ELEM.unpack_from(
-            self.shadow.used, 4 + (self.last_used_idx & (self.snum - 1)) * 8)
-        if sid >= self.snum or self.desc_state[sid] < 0:
-            self._fail("device", self.last_used_idx, "used id %d was never made available" % sid)
-        if length > self.desc_wlen[sid]:
-            self._fail("device", self.last_used_idx, "used length %d beyond the %d writable bytes"
-                       % (length, self.desc_wlen[sid]))
-        head = self.desc_state[sid]
-        if self.log is not None and length:
-            self._log_written(sid, length)
-        # Return the chain to the private free list in one splice.
-        self.desc_next[self.desc_last[sid]] = self.free_head
-        self.free_head = sid
-        self.num_free += self.desc_count[sid]
-        self.desc_state[sid] = -1
-        self.in_flight -= 1
-        self.last_used_idx = (self.last_used_idx + 1) & 0xffff
-        return head, length
+    def flush(self):
+        """Move every used entry the device produced into the guest used ring,
+        log what the device wrote, then notify the guest once.  The inner loop
+        is QEMU's vhost_svq_get_buf, inlined with its state in locals: this is
+        the per-request hot path.  Returns how many entries were moved."""
+        sused, gused = self.shadow.used, self.guest.used
+        smask, gmask = self.smask, self.num - 1
+        desc_state, desc_wlen, desc_wgpa = self.desc_state, self.desc_wlen, self.desc_wgpa
+        desc_next, desc_last, desc_count = self.desc_next, self.desc_last, self.desc_count
+        unpack_used, pack_used = _USED_ELEM.unpack_from, _USED_ELEM.pack_into
+        log = self.log
+        old_used = gidx = self.guest_used_idx
+        last_used = self.last_used_idx
+        free_head, num_free, in_flight = self.free_head, self.num_free, self.in_flight
+        try:
+            while True:
+                self._device_disable_calls()
+                used_idx = _U16.unpack_from(sused, 2)[0]
+                # Read barrier: the used index before the entries it publishes.
+                smp_rmb()
+                if ((used_idx - last_used) & 0xffff) > in_flight:
+                    self._fail("device", used_idx, "used index moved by %d with %d requests in flight"
+                               % ((used_idx - last_used) & 0xffff, in_flight))
+                while last_used != used_idx:
+                    sid, length = unpack_used(sused, 4 + ((last_used & smask) << 3))
+                    if sid > smask or desc_state[sid] < 0:
+                        self._fail("device", last_used, "used id %d was never made available" % sid)
+                    if length > desc_wlen[sid]:
+                        self._fail("device", last_used, "used length %d beyond the %d writable bytes"
+                                   % (length, desc_wlen[sid]))
+                    if log is not None and length:
+                        if desc_wgpa[sid] >= 0:
+                            log.mark(desc_wgpa[sid], length)
+                        else:
+                            self._log_scattered(sid, length)
+                    pack_used(gused, 4 + ((gidx & gmask) << 3), desc_state[sid], length)
+                    # Return the chain to the private free list in one splice.
+                    desc_next[desc_last[sid]] = free_head
+                    free_head = sid
+                    num_free += desc_count[sid]
+                    desc_state[sid] = -1
+                    in_flight -= 1
+                    last_used = (last_used + 1) & 0xffff
+                    gidx = (gidx + 1) & 0xffff
+                self.last_used_idx = last_used
+                if self._device_enable_calls():
+                    break
+        finally:
+            self.last_used_idx, self.guest_used_idx = last_used, gidx
+            self.free_head, self.num_free, self.in_flight = free_head, num_free, in_flight
+        moved = (gidx - old_used) & 0xffff
+        if moved:
+            if log is not None:
+                self._log_used_ring(old_used, moved)
+            # Write barrier: used entries before the used index the guest polls.
+            smp_wmb()
+            _U16.pack_into(gused, 2, gidx)
+            self.notify_guest(old_used)
+        return moved
 
-    def _log_written(self, sid, length):
-        wgpa = self.desc_wgpa[sid]
-        if wgpa >= 0:
-            self.log.mark(wgpa, length)
-            return
+    def _log_scattered(self, sid, length):
+        """Log `length` written bytes over a chain's writable descriptors, in order."""
         slot = sid
-        for _ in range(self.desc_count[sid]):       # scattered writable buffers
-            if self.desc_flags[slot]:
+        for _ in range(self.desc_count[sid]):
+            gpa = self.desc_gpa[slot]
+            if gpa >= 0:
                 n = min(length, self.desc_len[slot])
-                self.log.mark(self.desc_gpa[slot], n)
+                self.log.mark(gpa, n)
                 length -= n
                 if not length:
                     return
             slot = self.desc_next[slot]
 
-    def flush(self):
-        """Move every used entry the device produced into the guest used ring,
-        then notify the guest once.  Returns how many were moved."""
-        moved = 0
-        gused = self.guest.used
-        gmask = self.num - 1
-        pack_used = _USED_ELEM.pack_into
-        log = self.log
-        old_used = self.guest_used_idx
-        while True:
-            self._device_disable_calls()
-            while True:
-                elem = self.get_buf()
-                if elem is None:
-                    break
-                idx = self.guest_used_idx
-                off = 4 + (idx & gmask) * 8
-                pack_used(gused, off, elem[0], elem[1])
-                if log is not None:
-                    log.mark(self.log_used_gpa + off, 8)
-                self.guest_used_idx = (idx + 1) & 0xffff
-                moved += 1
-            if self._device_enable_calls():
-                break
-        if moved:
-            # Write barrier: used entries before the used index the guest polls.
-            smp_wmb()
-            _U16.pack_into(gused, 2, self.guest_used_idx)
-            if log is not None:
-                log.mark(self.log_used_gpa + 2, 2)
-            self.notify_guest(old_used)
-        return moved
+    def _log_used_ring(self, first, count):
+        """Log the guest used-ring entries [first, first+count) and its index."""
+        base, num = self.log_used_gpa, self.num
+        start = first & (num - 1)
+        n = min(count, num - start)
+        self.log.mark(base + 4 + start * 8, n * 8)
+        if count > n:
+            self.log.mark(base + 4, min(count - n, num) * 8)
+        self.log.mark(base + 2, 2)
 
     def notify_guest(self, old_used):
         # Full barrier: used index store before reading the guest's
@@ -1791,7 +1815,7 @@ class Driver:
         self.stats = RunStats()
         self.queues = []
         self.stopping = False
-        self.info = {}
+        self.on_done = None             # called once count requests completed
 
     def attach(self, queues):
         self.queues = queues
@@ -1816,6 +1840,8 @@ class Driver:
             if q.enable_cb():
                 break
         self.refill()
+        if self.on_done is not None and self.done():
+            self.on_done()
 
 
 class NetDriver(Driver):
@@ -2258,13 +2284,7 @@ class BuiltinRun:
         self.t0 = time.monotonic()
         drv.start()
         deadline = self.t0 + self.seconds if self.seconds else None
-        orig_refill = drv.refill
-
-        def refill_then_check():
-            orig_refill()
-            if drv.done():
-                loop.stop()
-        drv.refill = refill_then_check
+        drv.on_done = loop.stop
         watch = {"requests": -1, "since": self.t0}
 
         def tick():
@@ -2277,10 +2297,8 @@ class BuiltinRun:
                 loop.stop()
             if self.progress:
                 self.progress(self)
-        try:
-            loop.run(deadline=deadline, tick=tick)
-        finally:
-            drv.refill = orig_refill
+        loop.run(deadline=deadline, tick=tick)
+        drv.on_done = None
         self.elapsed = time.monotonic() - self.t0
         self.drain()
 
