@@ -724,6 +724,12 @@ class VhostVdpa:
         self.ioctl(VHOST_VDPA_GET_CONFIG, buf)
         return bytes(buf[8:])
 
+    def set_config(self, off, data):
+        buf = bytearray(ctypes.sizeof(vhost_vdpa_config) + len(data))
+        struct.pack_into("<II", buf, 0, off, len(data))
+        buf[8:] = data
+        self.ioctl(VHOST_VDPA_SET_CONFIG, buf)
+
     def set_vring_enable(self, vq, enable=True):
         self.ioctl(VHOST_VDPA_SET_VRING_ENABLE, vhost_vring_state(vq, int(enable)), vq)
 
