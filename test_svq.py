@@ -856,3 +856,41 @@ def test_device_error_cases_are_one_line():
         assert "ermission denied" in one_line_error(p)
     assert device_status(path) == ["RESET"]
     assert json_run(path, "--count", "100")["errors"] == 0
+
+
+# ============================================================================
+# The rig itself: vm/run's contract (each test boots a VM, ~6 s)
+# ============================================================================
+
+def vm_run(*cmd, timeout=300, env=None):
+    if not os.path.exists(os.path.join(HERE, ".cache", "vm", "initrd.gz")):
+        reason = os.environ.get("SVQ_SKIP_REASON") or "the VM rig is not set up (make setup)"
+        if IN_CI:
+            pytest.fail("CI: " + reason)
+        pytest.skip(reason)
+    if os.environ.get("SVQ_NET_DEV"):
+        pytest.skip("already inside the rig")
+    return subprocess.run([sys.executable, os.path.join(HERE, "vm", "run")] + list(cmd),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.vm
+def test_vm_run_creates_three_char_devices_and_keeps_exit_codes():
+    p = vm_run("sh", "-c", 'for d in "$SVQ_NET_DEV" "$SVQ_BLK_DEV" "$SVQ_VDUSE_DEV"; do '
+               '[ -c "$d" ] && echo "char $d"; done; test -s "$SVQ_VDUSE_IMAGE" && exit 7')
+    assert p.returncode == 7, p.stderr
+    assert len([l for l in p.stdout.splitlines() if l.startswith("char /dev/vhost-vdpa-")]) == 3
+    assert vm_run("false").returncode == 1
+
+
+@pytest.mark.vm
+def test_vm_run_kills_a_hung_command():
+    t0 = time.monotonic()
+    p = vm_run("sleep", "600", env={"SVQ_VM_TIMEOUT": "20"})
+    assert p.returncode == 124 and "TIMEOUT" in p.stderr.upper()
+    assert time.monotonic() - t0 < 60
+    run_dir = re.search(r"full log: (\S+)/console.log", p.stderr).group(1)
+    left = subprocess.run(["pgrep", "-f", re.escape(run_dir)], stdout=subprocess.PIPE)
+    assert left.stdout == b"", "qemu of the killed run is still alive"
