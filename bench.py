@@ -106,6 +106,7 @@ def git_commit():
 # Device benchmarks (inside the VM)
 # ============================================================================
 
+JSON_BEGIN, JSON_END = "----- bench.py vm results -----", "----- end of results -----"
 _STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
 
 
@@ -217,9 +218,16 @@ def cmd_vm(args):
     mem["python-bare"] = measure_rss([py, "-c", "import time; time.sleep(1.5)"], 1.0, 1.5)
     out["memory"] = mem
     out["elapsed"] = round(time.monotonic() - t0, 1)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    note("device results in %s (%.0f s)" % (args.out, out["elapsed"]))
+    # On stdout between markers (the host reads it from the console), and in
+    # SVQ_OUT as well (vm/run may prune the run folder of a long run).
+    sys.stdout.write("%s\n%s\n%s\n" % (JSON_BEGIN, json.dumps(out, indent=0), JSON_END))
+    sys.stdout.flush()
+    try:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+        note("device results in %s (%.0f s)" % (args.out, out["elapsed"]))
+    except OSError as e:
+        note("could not write %s: %s" % (args.out, e))
     return 0
 
 
@@ -233,27 +241,39 @@ def run_vm(args):
                 " --only %s" % args.only if args.only else ""))
     argv = [sys.executable, os.path.join(ROOT, "vm", "run"), "sh", "-c", inner]
     note("device benchmarks in the VM: %d rounds x %s s x 2 modes" % (args.rounds, args.seconds))
-    p = subprocess.Popen(argv, stdout=sys.stderr, stderr=subprocess.PIPE, cwd=ROOT, env=env,
-                         universal_newlines=True)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
+                         env=env, universal_newlines=True, errors="replace")
     out_dir = None
-    for line in p.stderr:
+    lines = None
+    for line in p.stdout:
+        if line.strip() == JSON_BEGIN:
+            lines = []
+            continue
+        if lines is not None and line.strip() == JSON_END:
+            text, lines = "".join(lines), None
+            continue
+        if lines is not None:
+            lines.append(line)
+            continue
         sys.stderr.write(line)
         m = re.search(r"SVQ_OUT on the host: (\S+)", line)
         if m:
             out_dir = m.group(1)
     rc = p.wait()
-    if out_dir is None:
-        note("vm/run failed (exit %d) and did not name its SVQ_OUT" % rc)
-        return None
-    path = os.path.join(out_dir, name)
+    data = None
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        note("vm/run exit %d; no device results (%s)" % (rc, e))
-        return None
-    if rc != 0:
-        note("vm/run exit %d; using the results it wrote" % rc)
+        data = json.loads(text)
+    except (NameError, ValueError):
+        if out_dir:
+            try:
+                with open(os.path.join(out_dir, name)) as f:
+                    data = json.load(f)
+            except (OSError, ValueError):
+                pass
+    if data is None:
+        note("vm/run exit %d; no device results" % rc)
+    elif rc != 0:
+        note("vm/run exit %d; using the results it printed" % rc)
     return data
 
 
