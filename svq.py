@@ -337,6 +337,17 @@ def vring_need_event(event_idx, new_idx, old_idx):
     return ((new_idx - event_idx - 1) & 0xffff) < ((new_idx - old_idx) & 0xffff)
 
 
+def vring_wants_notify(ring, event_idx, event_off, flag, new_idx, old_idx):
+    """After publishing `new_idx` (the caller has issued the full barrier), does
+    the peer want to be notified?  `ring` is the peer-written part holding both
+    its suppression flag (offset 0) and its event index (`event_off`): the used
+    ring for kicks (NO_NOTIFY, avail_event), the avail ring for calls
+    (NO_INTERRUPT, used_event)."""
+    if event_idx:
+        return vring_need_event(_U16.unpack_from(ring, event_off)[0], new_idx, old_idx)
+    return not _U16.unpack_from(ring, 0)[0] & flag
+
+
 def feature_names(bits, type_names=None):
     names = []
     for bit in range(64):
@@ -1432,12 +1443,8 @@ class ShadowVirtqueue:
         # Full barrier: the avail index store must be visible before we read
         # the device's suppression flag, or we could skip a needed kick.
         smp_mb()
-        if self.device_event_idx:
-            event = _U16.unpack_from(self.shadow.used, self.shadow.avail_event_off)[0]
-            needed = vring_need_event(event, self.shadow_avail_idx, old_idx)
-        else:
-            needed = not _U16.unpack_from(self.shadow.used, 0)[0] & VRING_USED_F_NO_NOTIFY
-        if needed:
+        if vring_wants_notify(self.shadow.used, self.device_event_idx, self.shadow.avail_event_off,
+                              VRING_USED_F_NO_NOTIFY, self.shadow_avail_idx, old_idx):
             os.write(self.device_kick_fd, _EVENTFD_ONE)
             self.stats.device_kicks += 1
 
@@ -1535,12 +1542,8 @@ class ShadowVirtqueue:
         # Full barrier: used index store before reading the guest's
         # suppression flag / used_event (store-load).
         smp_mb()
-        if self.guest_event_idx:
-            event = _U16.unpack_from(self.guest.avail, self.guest.used_event_off)[0]
-            needed = vring_need_event(event, self.guest_used_idx, old_used)
-        else:
-            needed = not _U16.unpack_from(self.guest.avail, 0)[0] & VRING_AVAIL_F_NO_INTERRUPT
-        if needed:
+        if vring_wants_notify(self.guest.avail, self.guest_event_idx, self.guest.used_event_off,
+                              VRING_AVAIL_F_NO_INTERRUPT, self.guest_used_idx, old_used):
             os.write(self.guest_call_fd, _EVENTFD_ONE)
             self.stats.guest_calls += 1
 
@@ -1726,12 +1729,8 @@ class DriverVirtqueue:
         _U16.pack_into(self.ring.avail, 2, self.avail_idx)
         # Full barrier: avail index store before reading NO_NOTIFY/avail_event.
         smp_mb()
-        if self.event_idx:
-            event = _U16.unpack_from(self.ring.used, self.ring.avail_event_off)[0]
-            needed = vring_need_event(event, self.avail_idx, old)
-        else:
-            needed = not _U16.unpack_from(self.ring.used, 0)[0] & VRING_USED_F_NO_NOTIFY
-        if needed:
+        if vring_wants_notify(self.ring.used, self.event_idx, self.ring.avail_event_off,
+                              VRING_USED_F_NO_NOTIFY, self.avail_idx, old):
             os.write(self.kick_fd, _EVENTFD_ONE)
             self.kicks += 1
 
