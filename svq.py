@@ -29,6 +29,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import threading
@@ -639,8 +640,7 @@ class VhostVdpa:
             raise DeviceError("open %s" % path, errno.ENOENT, hint=_MISSING_HINT) from None
         except OSError as e:
             raise DeviceError("open %s" % path, e.errno) from None
-        import stat as _stat
-        if not _stat.S_ISCHR(st.st_mode):
+        if not stat.S_ISCHR(st.st_mode):
             raise DeviceError("open %s" % path, errno.ENODEV,
                               hint="not a character device; expected /dev/vhost-vdpa-N")
         try:
@@ -1191,7 +1191,7 @@ class ShadowVirtqueue:
         self.guest_kick_fd, self.guest_call_fd = guest_kick_fd, guest_call_fd
         self.device_kick_fd, self.device_call_fd = device_kick_fd, device_call_fd
         self.log = log
-        self.log_used_gpa = log_used_gpa        # GPA of the guest used ring
+        self.log_used_gpa = log_used_gpa        # GPA of the guest used ring (None: not logged)
         # Guest side indexes.
         self.last_avail_idx = last_avail_idx & 0xffff
         self.guest_used_idx = guest_used_idx & 0xffff
@@ -1236,16 +1236,24 @@ class ShadowVirtqueue:
     def _set_used_flags(used, flags):
         _U16.pack_into(used, 0, flags)
 
+    def _log_used_field(self, off):
+        """Our writes to the guest used ring's flags/avail_event dirty it too."""
+        if self.log is not None and self.log_used_gpa is not None:
+            self.log.mark(self.log_used_gpa + off, 2)
+
     def _guest_disable_kicks(self):
         if not self.guest_event_idx:
             _U16.pack_into(self.guest.used, 0, VRING_USED_F_NO_NOTIFY)
+            self._log_used_field(0)
 
     def _guest_enable_kicks(self):
         """Re-arm guest kicks; True if the avail ring is still empty."""
         if self.guest_event_idx:
             _U16.pack_into(self.guest.used, self.guest.avail_event_off, self.last_avail_idx)
+            self._log_used_field(self.guest.avail_event_off)
         else:
             _U16.pack_into(self.guest.used, 0, 0)
+            self._log_used_field(0)
         # Full barrier: the flag/event store above must be visible before we
         # load the avail index again, or a guest that read the old flag and
         # skipped its kick would strand a buffer (store-load, not TSO-ordered).
@@ -1531,6 +1539,8 @@ class ShadowVirtqueue:
     def _log_used_ring(self, first, count):
         """Log the guest used-ring entries [first, first+count) and its index."""
         base, num = self.log_used_gpa, self.num
+        if base is None:
+            return
         start = first & (num - 1)
         n = min(count, num - start)
         self.log.mark(base + 4 + start * 8, n * 8)
@@ -2465,6 +2475,887 @@ def format_info(info):
 
 
 # ============================================================================
+# vhost-user backend: `svq.py serve DEV --socket PATH`
+# ============================================================================
+#
+# A vhost-user frontend (QEMU, cloud-hypervisor, crosvm, DPDK virtio-user)
+# hands us its memory and its rings; each ring becomes the guest side of a
+# ShadowVirtqueue whose device side is a shadow ring of the vDPA device.
+# Because svq.py writes the frontend's used rings and sees every length the
+# device reports, it can offer VHOST_F_LOG_ALL, which vhost-vdpa cannot.
+#
+# Lifecycle.  The device runs ("started") only while every queue the device
+# type needs (net: 0 and 1, blk: 0) is ready: num, addresses, kick fd, and
+# enabled.  Any change to a running queue's set-up, the memory table or the
+# non-logging features stops the device: suspend (or drain and reset), move
+# what the device finished into the frontend's used rings, rewind requests
+# still in flight, reset, unmap everything.  It restarts from those indexes
+# as soon as the queues are ready again.  The IOVA map is empty whenever the
+# device is stopped, so a reset never leaves stale IOTLB entries behind.
+
+VHOST_USER_GET_FEATURES = 1
+VHOST_USER_SET_FEATURES = 2
+VHOST_USER_SET_OWNER = 3
+VHOST_USER_RESET_OWNER = 4
+VHOST_USER_SET_MEM_TABLE = 5
+VHOST_USER_SET_LOG_BASE = 6
+VHOST_USER_SET_LOG_FD = 7
+VHOST_USER_SET_VRING_NUM = 8
+VHOST_USER_SET_VRING_ADDR = 9
+VHOST_USER_SET_VRING_BASE = 10
+VHOST_USER_GET_VRING_BASE = 11
+VHOST_USER_SET_VRING_KICK = 12
+VHOST_USER_SET_VRING_CALL = 13
+VHOST_USER_SET_VRING_ERR = 14
+VHOST_USER_GET_PROTOCOL_FEATURES = 15
+VHOST_USER_SET_PROTOCOL_FEATURES = 16
+VHOST_USER_GET_QUEUE_NUM = 17
+VHOST_USER_SET_VRING_ENABLE = 18
+VHOST_USER_GET_CONFIG = 24
+VHOST_USER_SET_CONFIG = 25
+VHOST_USER_RESET_DEVICE = 34
+VHOST_USER_SET_STATUS = 39
+VHOST_USER_GET_STATUS = 40
+VU_REQUEST_NAMES = {v: k[11:] for k, v in globals().items() if k.startswith("VHOST_USER_")}
+
+VHOST_USER_F_PROTOCOL_FEATURES = 30
+VHOST_USER_PROTOCOL_F_MQ = 0
+VHOST_USER_PROTOCOL_F_LOG_SHMFD = 1
+VHOST_USER_PROTOCOL_F_REPLY_ACK = 3
+VHOST_USER_PROTOCOL_F_CONFIG = 9
+VHOST_USER_PROTOCOL_F_RESET_DEVICE = 13
+VHOST_USER_PROTOCOL_F_STATUS = 16
+PROTOCOL_FEATURE_NAMES = {0: "MQ", 1: "LOG_SHMFD", 2: "RARP", 3: "REPLY_ACK", 4: "NET_MTU",
+                          5: "BACKEND_REQ", 6: "CROSS_ENDIAN", 7: "CRYPTO_SESSION",
+                          8: "PAGEFAULT", 9: "CONFIG", 10: "BACKEND_SEND_FD",
+                          11: "HOST_NOTIFIER", 12: "INFLIGHT_SHMFD", 13: "RESET_DEVICE",
+                          14: "INBAND_NOTIFICATIONS", 15: "CONFIGURE_MEM_SLOTS", 16: "STATUS"}
+VU_PROTOCOL_FEATURES = sum(1 << b for b in (
+    VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_LOG_SHMFD, VHOST_USER_PROTOCOL_F_REPLY_ACK,
+    VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_RESET_DEVICE,
+    VHOST_USER_PROTOCOL_F_STATUS))
+
+VU_FLAG_VERSION = 0x1
+VU_FLAG_REPLY = 0x4
+VU_FLAG_NEED_REPLY = 0x8
+VU_VRING_INDEX_MASK = 0xff
+VU_VRING_NOFD = 0x100
+VU_MAX_FDS = 8                    # VHOST_MEMORY_BASELINE_NREGIONS
+VU_MAX_REGIONS = 8
+VU_MAX_PAYLOAD = 4096
+VU_CONFIG_MAX = 256
+VU_LOG_MAX = 1 << 40              # bytes of dirty bitmap: 4 PiB of guest memory
+VU_IO_TIMEOUT = 5.0               # a frontend may not stall us mid-message longer
+
+_VU_HDR = struct.Struct("<III")            # request, flags, size
+_VU_STATE = struct.Struct("<II")           # vring state: index, num
+_VU_ADDR = struct.Struct("<IIQQQQ")        # index, flags, desc, used, avail, log
+_VU_REGION = struct.Struct("<QQQQ")        # gpa, size, userspace addr, mmap offset
+_VU_LOG = struct.Struct("<QQ")             # mmap size, mmap offset
+_VU_CONFIG = struct.Struct("<III")         # offset, size, flags
+
+
+class ProtocolError(SvqError):
+    """A message the backend refuses: the connection is closed."""
+
+
+def _vlog(msg):
+    sys.stderr.write("svq: %s\n" % msg)
+    sys.stderr.flush()
+
+
+def _map_fd(fd, size, offset, what):
+    """MAP_SHARED mapping of [offset, offset+size) of a frontend's fd.  Only
+    regular files (memfd, shmem, hugetlbfs) that really are that long: a
+    mapping past the end of the file would SIGBUS on first touch."""
+    try:
+        st = os.fstat(fd)
+    except OSError as e:
+        raise ProtocolError("%s: fstat: %s" % (what, e.strerror)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ProtocolError("%s: fd is not a memory file (memfd/shm/hugetlbfs)" % what)
+    if size <= 0 or offset % mmap.ALLOCATIONGRANULARITY or offset + size > st.st_size:
+        raise ProtocolError("%s: [%#x, +%#x) is not a page-aligned range of the %#x-byte file"
+                            % (what, offset, size, st.st_size))
+    try:
+        return SharedMemory(size, fd=fd, offset=offset)
+    except (OSError, ValueError, OverflowError) as e:
+        raise ProtocolError("%s: mmap: %s" % (what, e)) from None
+
+
+class VuVring:
+    """One frontend ring: what the frontend told us, and the shadow queue
+    built from it while the device runs."""
+
+    def __init__(self, index):
+        self.index = index
+        self.num = 0
+        self.addr = None            # (flags, desc, used, avail, log) user addresses
+        self.base = 0               # next avail index to process
+        self.kick = self.call = self.err = -1
+        self.enabled = False
+        self.started = False        # kick received since the last GET_VRING_BASE
+        self.svq = None
+        self.views = []             # memoryviews to release on teardown
+        self.shadow_mem = None
+        self.device_fds = ()
+        self.polled = 0
+
+    def close_fds(self):
+        for name in ("kick", "call", "err"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+            setattr(self, name, -1)
+
+
+class VhostUserConnection:
+    """One frontend: the message handlers, the device and the shadow queues."""
+
+    def __init__(self, server, sock):
+        self.server, self.sock, self.loop = server, sock, server.loop
+        self.verbose = server.verbose
+        self.closed = False
+        self.dev = None
+        self.mem = None
+        self.log_mem = None
+        self.dirty = None           # DirtyLog over the frontend's log
+        self.log_fd = -1
+        self.features = 0
+        self.features_set = False
+        self.protocol = 0
+        self.status = 0
+        self.running = False
+        self.nvq = server.nvq
+        self.vrings = [VuVring(i) for i in range(self.nvq)]
+        self.dev = VdpaDevice(server.device, server.opener)
+        self.sink = eventfd()       # the call fd while the frontend has none
+        sock.settimeout(VU_IO_TIMEOUT)
+        self.loop.add_reader(sock.fileno(), self.on_readable)
+
+    # -- message I/O --
+    def _recv(self, n, fds):
+        buf = bytearray()
+        while len(buf) < n:
+            data, anc, flags, _ = self.sock.recvmsg(
+                n - len(buf), socket.CMSG_SPACE(VU_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(struct.unpack("%di" % (len(raw) // 4), raw[:len(raw) & ~3]))
+            if flags & socket.MSG_CTRUNC:
+                raise ProtocolError("more than %d fds with one message" % VU_MAX_FDS)
+            if not data:
+                if buf:
+                    raise ProtocolError("connection closed mid-message")
+                return None
+            buf += data
+        return bytes(buf)
+
+    def _send(self, req, payload):
+        self.sock.sendall(_VU_HDR.pack(req, VU_FLAG_VERSION | VU_FLAG_REPLY, len(payload)) + payload)
+
+    def on_readable(self):
+        if self.closed:
+            return
+        fds = []
+        req, need_ack = 0, False
+        try:
+            hdr = self._recv(_VU_HDR.size, fds)
+            if hdr is None:
+                return self.close("frontend disconnected")
+            req, flags, size = _VU_HDR.unpack(hdr)
+            need_ack = bool(flags & VU_FLAG_NEED_REPLY and
+                            self.protocol >> VHOST_USER_PROTOCOL_F_REPLY_ACK & 1)
+            if flags & 0x3 != VU_FLAG_VERSION or flags & VU_FLAG_REPLY:
+                raise ProtocolError("bad header flags %#x" % flags)
+            if size > VU_MAX_PAYLOAD:
+                raise ProtocolError("payload of %d bytes" % size)
+            payload = self._recv(size, fds) if size else b""
+            if payload is None:
+                raise ProtocolError("connection closed mid-message")
+            handler = self.HANDLERS.get(req)
+            if handler is None:
+                raise ProtocolError("unsupported request %d" % req)
+            if self.verbose:
+                _vlog("<- %s size %d fds %d %s" % (VU_REQUEST_NAMES[req], size, len(fds),
+                                                   payload[:48].hex()))
+            replied = handler(self, payload, fds)
+            if need_ack and not replied:
+                self._send(req, _U64.pack(0))
+        except Exception as e:      # a bad message costs its connection only
+            name = VU_REQUEST_NAMES.get(req, str(req))
+            if need_ack and not isinstance(e, OSError):
+                try:
+                    self._send(req, _U64.pack(1))
+                except OSError:
+                    pass
+            what = ("frontend stalled mid-message" if isinstance(e, socket.timeout) else
+                    e if isinstance(e, (SvqError, OSError)) else "%s: %s" % (type(e).__name__, e))
+            self.close("%s: %s" % (name, what) if req else str(what))
+        finally:
+            for fd in fds:          # every fd no handler took ownership of
+                os.close(fd)
+
+    # -- payload checks --
+    @staticmethod
+    def _size(payload, *sizes):
+        if len(payload) not in sizes:
+            raise ProtocolError("payload of %d bytes, expected %s"
+                                % (len(payload), " or ".join(map(str, sizes))))
+
+    @staticmethod
+    def _nfds(fds, n):
+        if len(fds) != n:
+            raise ProtocolError("%d fds, expected %d" % (len(fds), n))
+
+    def _u64(self, payload, fds, nfds=0):
+        self._size(payload, 8)
+        self._nfds(fds, nfds)
+        return _U64.unpack(payload)[0]
+
+    def _vring(self, index):
+        if index >= self.nvq:
+            raise ProtocolError("queue index %d (the device has %d)" % (index, self.nvq))
+        return self.vrings[index]
+
+    def _state(self, payload, fds):
+        self._size(payload, 8)
+        self._nfds(fds, 0)
+        index, num = _VU_STATE.unpack(payload)
+        return self._vring(index), num
+
+    def _need_protocol(self, bit):
+        if not self.protocol >> bit & 1:
+            raise ProtocolError("protocol feature %s not negotiated" % PROTOCOL_FEATURE_NAMES[bit])
+
+    # -- handlers: return True when they sent their own reply --
+    def h_get_features(self, payload, fds):
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+        self._send(VHOST_USER_GET_FEATURES, _U64.pack(self.server.offered))
+        return True
+
+    def h_set_features(self, payload, fds):
+        f = self._u64(payload, fds)
+        if f & ~self.server.offered:
+            raise ProtocolError("features %s were not offered"
+                                % ",".join(feature_names(f & ~self.server.offered)))
+        changed = f ^ self.features
+        if self.running and changed & ~(1 << VHOST_F_LOG_ALL):
+            self._stop_device("features changed")
+        self.features, self.features_set = f, True
+        if changed or self.verbose:
+            _vlog("features: %s" % " ".join(feature_names(f, self.server.type_names)))
+        self._apply_log()
+        self._maybe_start()
+
+    def h_get_protocol_features(self, payload, fds):
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+        self._send(VHOST_USER_GET_PROTOCOL_FEATURES, _U64.pack(VU_PROTOCOL_FEATURES))
+        return True
+
+    def h_set_protocol_features(self, payload, fds):
+        p = self._u64(payload, fds)
+        if p & ~VU_PROTOCOL_FEATURES:
+            raise ProtocolError("protocol features %#x were not offered" % (p & ~VU_PROTOCOL_FEATURES))
+        self.protocol = p
+        _vlog("protocol features: %s" % " ".join(PROTOCOL_FEATURE_NAMES[b] for b in range(17)
+                                                 if p >> b & 1))
+
+    def h_set_owner(self, payload, fds):
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+
+    def h_reset_owner(self, payload, fds):
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+        self._reset_rings("RESET_OWNER")
+
+    def h_reset_device(self, payload, fds):
+        self._need_protocol(VHOST_USER_PROTOCOL_F_RESET_DEVICE)
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+        self._reset_rings("RESET_DEVICE")
+
+    def _reset_rings(self, why):
+        self._stop_device(why)
+        for v in self.vrings:
+            v.close_fds()
+        self.vrings = [VuVring(i) for i in range(self.nvq)]
+        self.features, self.features_set, self.status = 0, False, 0
+        self._apply_log()
+
+    def h_set_mem_table(self, payload, fds):
+        if len(payload) < 8:
+            raise ProtocolError("payload of %d bytes" % len(payload))
+        n = struct.unpack_from("<I", payload)[0]
+        if not 1 <= n <= VU_MAX_REGIONS or not 8 + n * 32 <= len(payload) <= 8 + VU_MAX_REGIONS * 32:
+            raise ProtocolError("%d regions in %d bytes" % (n, len(payload)))
+        self._nfds(fds, n)
+        regions = []
+        try:
+            for i in range(n):
+                gpa, size, uaddr, off = _VU_REGION.unpack_from(payload, 8 + i * 32)
+                if size == 0 or gpa + size > 1 << 64 or uaddr + size > 1 << 64:
+                    raise ProtocolError("region %d: bad range gpa %#x size %#x uaddr %#x"
+                                        % (i, gpa, size, uaddr))
+                m = _map_fd(fds[i], size, off, "region %d" % i)
+                regions.append(GuestRegion(gpa, size, m, uaddr=uaddr))
+            uas = sorted((r.uaddr, r.uaddr + r.size) for r in regions)
+            if any(a[1] > b[0] for a, b in zip(uas, uas[1:])):
+                raise ProtocolError("regions overlap in the frontend's address space")
+            mem = GuestMemory(regions)
+        except BaseException:
+            for r in regions:
+                r.mem.close()
+            raise
+        self._stop_device("memory table changed")
+        if self.mem is not None:
+            self.mem.close()
+        self.mem = mem
+        _vlog("memory: %s" % ", ".join("gpa %#x+%#x" % (r.gpa, r.size) for r in mem.regions))
+        self._maybe_start()
+
+    def h_set_log_base(self, payload, fds):
+        self._need_protocol(VHOST_USER_PROTOCOL_F_LOG_SHMFD)
+        self._size(payload, _VU_LOG.size)
+        self._nfds(fds, 1)
+        size, off = _VU_LOG.unpack(payload)
+        if size > VU_LOG_MAX:
+            raise ProtocolError("log of %d bytes" % size)
+        m = _map_fd(fds[0], size, off, "log")
+        old = self.log_mem
+        self.log_mem, self.dirty = m, DirtyLog(buf=m.mv)
+        self._apply_log()
+        if old is not None:
+            old.close()
+        if self.verbose:
+            _vlog("dirty log: %d bytes (%d MiB of guest memory)" % (size, size * 8 * 4096 >> 20))
+        self._send(VHOST_USER_SET_LOG_BASE, _U64.pack(0))
+        return True
+
+    def h_set_log_fd(self, payload, fds):
+        self._size(payload, 0, 8)
+        self._nfds(fds, 1)
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+        self.log_fd = fds.pop()
+
+    def h_set_vring_num(self, payload, fds):
+        v, num = self._state(payload, fds)
+        limit = min(32768, self.dev.max_queue_size)
+        if not 1 <= num <= limit or num & (num - 1):
+            raise ProtocolError("vq %d: size %d is not a power of two in [1, %d]"
+                                % (v.index, num, limit))
+        self._stop_if_running(v, num != v.num)
+        v.num = num
+
+    def h_set_vring_addr(self, payload, fds):
+        self._size(payload, _VU_ADDR.size)
+        self._nfds(fds, 0)
+        index, flags, desc, used, avail, log = _VU_ADDR.unpack(payload)
+        v = self._vring(index)
+        if flags & ~(1 << VHOST_VRING_F_LOG):
+            raise ProtocolError("vq %d: address flags %#x" % (index, flags))
+        if desc % 16 or avail % 2 or used % 4:
+            raise ProtocolError("vq %d: misaligned ring (desc %#x avail %#x used %#x)"
+                                % (index, desc, avail, used))
+        new = (flags, desc, used, avail, log)
+        if self.running and v.svq is not None and v.addr[1:4] == new[1:4]:
+            v.addr = new
+            self._apply_log()       # only logging changed (migration start/end)
+            return
+        self._stop_if_running(v, True)
+        v.addr = new
+
+    def h_set_vring_base(self, payload, fds):
+        v, base = self._state(payload, fds)
+        if base > 0xffff:
+            raise ProtocolError("vq %d: base %d" % (v.index, base))
+        self._stop_if_running(v, True)
+        v.base = base
+
+    def h_get_vring_base(self, payload, fds):
+        v, _ = self._state(payload, fds)
+        self._stop_device("vq %d stopped by the frontend" % v.index)
+        v.started = False
+        v.close_fds()               # the frontend sends kick and call again to restart
+        self._send(VHOST_USER_GET_VRING_BASE, _VU_STATE.pack(v.index, v.base))
+        return True
+
+    def _vring_fd(self, payload, fds):
+        self._size(payload, 8)
+        val = _U64.unpack(payload)[0]
+        if val & ~(VU_VRING_INDEX_MASK | VU_VRING_NOFD):
+            raise ProtocolError("vring fd payload %#x" % val)
+        self._nfds(fds, 0 if val & VU_VRING_NOFD else 1)
+        return self._vring(val & VU_VRING_INDEX_MASK), (fds.pop() if fds else -1)
+
+    def h_set_vring_kick(self, payload, fds):
+        v, fd = self._vring_fd(payload, fds)
+        if fd < 0:
+            raise ProtocolError("vq %d: polling mode (no kick fd) is not supported" % v.index)
+        old, v.kick = v.kick, fd
+        if v.svq is not None:
+            self.loop.remove_reader(old)
+            v.svq.guest_kick_fd = fd
+            self.loop.add_reader(fd, self._guard(v, v.svq.handle_guest_kick))
+            v.svq.handle_guest_kick()
+        if old >= 0:
+            os.close(old)
+        v.started = True
+        self._maybe_start()
+
+    def h_set_vring_call(self, payload, fds):
+        v, fd = self._vring_fd(payload, fds)
+        old, v.call = v.call, fd
+        if v.svq is not None:
+            v.svq.guest_call_fd = fd if fd >= 0 else self.sink
+        if old >= 0:
+            os.close(old)
+
+    def h_set_vring_err(self, payload, fds):
+        v, fd = self._vring_fd(payload, fds)
+        if v.err >= 0:
+            os.close(v.err)
+        v.err = fd
+
+    def h_get_queue_num(self, payload, fds):
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+        self._send(VHOST_USER_GET_QUEUE_NUM, _U64.pack(1))     # one queue (pair)
+        return True
+
+    def h_set_vring_enable(self, payload, fds):
+        v, enable = self._state(payload, fds)
+        if enable > 1:
+            raise ProtocolError("vq %d: enable %d" % (v.index, enable))
+        self._stop_if_running(v, not enable, "disabled")
+        v.enabled = bool(enable)
+        self._maybe_start()
+
+    def _config(self, payload, fds):
+        self._need_protocol(VHOST_USER_PROTOCOL_F_CONFIG)
+        self._nfds(fds, 0)
+        if len(payload) < _VU_CONFIG.size:
+            raise ProtocolError("payload of %d bytes" % len(payload))
+        off, size, flags = _VU_CONFIG.unpack_from(payload)
+        if size > VU_CONFIG_MAX or len(payload) != _VU_CONFIG.size + size \
+                or off + size > self.server.config_size:
+            raise ProtocolError("config [%d, +%d) of a %d-byte config space in %d bytes"
+                                % (off, size, self.server.config_size, len(payload)))
+        return off, size, flags
+
+    def h_get_config(self, payload, fds):
+        off, size, flags = self._config(payload, fds)
+        data = self.dev.dev.get_config(off, size) if size else b""
+        self._send(VHOST_USER_GET_CONFIG, _VU_CONFIG.pack(off, size, flags) + data)
+        return True
+
+    def h_set_config(self, payload, fds):
+        off, size, _ = self._config(payload, fds)
+        self.dev.dev.set_config(off, payload[_VU_CONFIG.size:])
+
+    def h_set_status(self, payload, fds):
+        self._need_protocol(VHOST_USER_PROTOCOL_F_STATUS)
+        status = self._u64(payload, fds)
+        if status > 0xff:
+            raise ProtocolError("status %#x" % status)
+        if status == 0 and self.status:
+            self._reset_rings("SET_STATUS(0)")
+        self.status = status
+        self._maybe_start()
+
+    def h_get_status(self, payload, fds):
+        self._need_protocol(VHOST_USER_PROTOCOL_F_STATUS)
+        self._size(payload, 0, 8)
+        self._nfds(fds, 0)
+        self._send(VHOST_USER_GET_STATUS, _U64.pack(self.status))
+        return True
+
+    HANDLERS = {
+        VHOST_USER_GET_FEATURES: h_get_features, VHOST_USER_SET_FEATURES: h_set_features,
+        VHOST_USER_SET_OWNER: h_set_owner, VHOST_USER_RESET_OWNER: h_reset_owner,
+        VHOST_USER_SET_MEM_TABLE: h_set_mem_table, VHOST_USER_SET_LOG_BASE: h_set_log_base,
+        VHOST_USER_SET_LOG_FD: h_set_log_fd, VHOST_USER_SET_VRING_NUM: h_set_vring_num,
+        VHOST_USER_SET_VRING_ADDR: h_set_vring_addr, VHOST_USER_SET_VRING_BASE: h_set_vring_base,
+        VHOST_USER_GET_VRING_BASE: h_get_vring_base, VHOST_USER_SET_VRING_KICK: h_set_vring_kick,
+        VHOST_USER_SET_VRING_CALL: h_set_vring_call, VHOST_USER_SET_VRING_ERR: h_set_vring_err,
+        VHOST_USER_GET_PROTOCOL_FEATURES: h_get_protocol_features,
+        VHOST_USER_SET_PROTOCOL_FEATURES: h_set_protocol_features,
+        VHOST_USER_GET_QUEUE_NUM: h_get_queue_num, VHOST_USER_SET_VRING_ENABLE: h_set_vring_enable,
+        VHOST_USER_GET_CONFIG: h_get_config, VHOST_USER_SET_CONFIG: h_set_config,
+        VHOST_USER_RESET_DEVICE: h_reset_device, VHOST_USER_SET_STATUS: h_set_status,
+        VHOST_USER_GET_STATUS: h_get_status,
+    }
+
+    # -- dirty logging --
+    def _apply_log(self):
+        logging = self.dirty is not None and self.features >> VHOST_F_LOG_ALL & 1
+        for v in self.vrings:
+            if v.svq is not None:
+                v.svq.log = self.dirty if logging else None
+                v.svq.log_used_gpa = v.addr[4] if v.addr[0] & (1 << VHOST_VRING_F_LOG) else None
+
+    # -- device lifecycle --
+    def _stop_if_running(self, v, changed, what="reconfigured"):
+        if changed and self.running and v.svq is not None:
+            self._stop_device("vq %d %s" % (v.index, what))
+
+    def _ready(self, v):
+        enabled = v.enabled or not self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1
+        return v.num and v.addr is not None and v.kick >= 0 and v.started and enabled
+
+    def _maybe_start(self):
+        if (self.running or self.mem is None or not self.features_set
+                or not all(self._ready(v) for v in self.vrings)):
+            return
+        self._start_device()
+
+    def _ring_view(self, v, uaddr, size, what):
+        r = self.mem.region_by_uaddr(uaddr, size)
+        if r is None:
+            raise ProtocolError("vq %d: %s ring [%#x, +%#x) is not in the memory table"
+                                % (v.index, what, uaddr, size))
+        off = uaddr - r.uaddr
+        view = r.mv[off:off + size]
+        v.views.append(view)
+        return view
+
+    def _start_device(self):
+        dev, srv = self.dev, self.server
+        guest_features = self.features & ~((1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+        wanted = ((guest_features & svq_device_features(dev.device_id)) | (1 << VIRTIO_F_VERSION_1)
+                  | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << VIRTIO_F_ANY_LAYOUT)
+                  | (1 << VIRTIO_RING_F_EVENT_IDX))
+        try:
+            device_features = dev.negotiate(wanted)
+            for r in self.mem.regions:
+                r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+            for v in self.vrings:
+                self._setup_queue(v, guest_features, device_features)
+            dev.start(range(self.nvq))
+        except BaseException:
+            self.running = True
+            self._stop_device(None)
+            raise
+        self.running = True
+        self._apply_log()
+        _vlog("device started: %s" % ", ".join(
+            "vq %d size %d at avail %d used %d" % (v.index, v.num, v.svq.last_avail_idx,
+                                                   v.svq.guest_used_idx) for v in self.vrings))
+        if self.verbose:
+            _vlog("device features: %s" % " ".join(feature_names(device_features, srv.type_names)))
+        for v in self.vrings:       # buffers made available while we were stopped
+            if v.svq is not None and v.svq.broken is None:
+                self._guard(v, v.svq.forward_avail)()
+
+    def _setup_queue(self, v, guest_features, device_features):
+        dev, num = self.dev, v.num
+        flags, desc, used, avail, log = v.addr
+        gring = SplitRing(num, self._ring_view(v, desc, vring_desc_size(num), "descriptor"),
+                          self._ring_view(v, avail, vring_avail_size(num), "avail"),
+                          self._ring_view(v, used, vring_used_size(num), "used"))
+        total, doff, aoff, uoff = SplitRing.layout(num)
+        v.shadow_mem = smem = SharedMemory(total)
+        views = [smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total]]
+        v.views += views
+        sring = SplitRing(num, *views)
+        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
+        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
+        v.device_fds = dkick, dcall = eventfd(), eventfd()
+        dev.setup_vq(v.index, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
+        used_idx = _U16.unpack_from(gring.used, 2)[0]
+        v.svq = svq = ShadowVirtqueue(
+            v.index, self.mem, gring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
+            guest_features, device_features, v.kick, v.call if v.call >= 0 else self.sink,
+            dkick, dcall, guest_used_idx=used_idx, last_avail_idx=v.base)
+        self.loop.add_reader(v.kick, self._guard(v, svq.handle_guest_kick))
+        self.loop.add_reader(dcall, self._guard(v, svq.handle_device_call))
+
+    def _guard(self, v, fn):
+        svq = v.svq
+
+        def cb():
+            if self.closed or v.svq is not svq:
+                return              # a stale event from a queue already torn down
+            try:
+                fn()
+            except Exception as e:  # RingError, or a device/fd failure
+                self.close("vq %d: %s" % (v.index, e) if not isinstance(e, RingError) else str(e))
+        return cb
+
+    def poll(self):
+        """Safety net, every tick: a queue with work pending and no
+        notification in sight is processed as if it had been notified.
+        Counted and reported when the device stops."""
+        if self.closed or not self.running:
+            return
+        for v in self.vrings:
+            s = v.svq
+            if s is None or s.broken is not None:
+                continue
+            if (_U16.unpack_from(s.shadow.used, 2)[0] != s.last_used_idx
+                    or (s.num_free and _U16.unpack_from(s.guest.avail, 2)[0] != s.last_avail_idx)):
+                v.polled += 1
+                self._guard(v, s.handle_device_call)()
+
+    def _stop_device(self, why):
+        """Stop the device and record, per queue, where to restart from."""
+        if not self.running:
+            return
+        self.running = False
+        dev = self.dev
+        svqs = [v.svq for v in self.vrings if v.svq is not None]
+        try:
+            suspended = dev.suspend()
+        except DeviceError:
+            suspended = False
+        if not suspended and dev.device_id == VIRTIO_ID_BLOCK:
+            # No SUSPEND (VDUSE): let requests in flight complete, as their
+            # completion order is the device's; then reset.
+            deadline = time.monotonic() + 2.0
+            while any(s.in_flight and s.broken is None for s in svqs) and time.monotonic() < deadline:
+                for s in svqs:
+                    if s.broken is None:
+                        try:
+                            s.flush()
+                        except RingError:
+                            pass
+                time.sleep(0.001)
+        dev.reset()
+        for v in self.vrings:
+            s = v.svq
+            if s is not None:
+                if s.broken is None:
+                    try:
+                        s.flush()
+                    except RingError as e:
+                        _vlog("vq %d: %s" % (v.index, e))
+                v.base = (s.last_avail_idx - s.in_flight) & 0xffff
+                if why:
+                    _vlog("vq %d stopped at avail %d used %d%s%s (%s)" % (
+                        v.index, v.base, s.guest_used_idx,
+                        ", %d in flight rewound" % s.in_flight if s.in_flight else "",
+                        ", %d stalls recovered by polling" % v.polled if v.polled else "", why))
+                v.polled = 0
+            self._teardown_queue(v)
+        dev.unmap_all()
+        if self.mem is not None:
+            for r in self.mem.regions:
+                r.iova = None
+
+    def _teardown_queue(self, v):
+        if v.svq is not None:
+            self.loop.remove_reader(v.svq.guest_kick_fd)
+            self.loop.remove_reader(v.svq.device_call_fd)
+            v.svq.log = None
+        for setter in (self.dev.dev.set_vring_kick, self.dev.dev.set_vring_call):
+            try:
+                setter(v.index, VHOST_FILE_UNBIND)
+            except DeviceError:
+                pass
+        for fd in v.device_fds:
+            os.close(fd)
+        v.device_fds = ()
+        v.svq = None
+        for view in v.views:
+            view.release()
+        v.views = []
+        if v.shadow_mem is not None:
+            v.shadow_mem.close()
+            v.shadow_mem = None
+
+    def close(self, reason):
+        """Reset the device, empty its IOTLB, release every mapping and fd."""
+        if self.closed:
+            return
+        self.closed = True
+        _vlog("frontend connection closed: %s" % reason)
+        self.loop.remove_reader(self.sock.fileno())
+        try:
+            self._stop_device(None)
+        except SvqError as e:
+            _vlog("stopping the device: %s" % e)
+        finally:
+            self.dev.close()
+            for v in self.vrings:
+                v.close_fds()
+            if self.mem is not None:
+                self.mem.close()
+                self.mem = None
+            self.dirty = None
+            if self.log_mem is not None:
+                self.log_mem.close()
+                self.log_mem = None
+            for fd in (self.log_fd, self.sink):
+                if fd >= 0:
+                    os.close(fd)
+            self.log_fd = self.sink = -1
+            self.sock.close()
+            self.server.connection_closed(self)
+
+
+class VhostUserServer:
+    """The Unix socket, one frontend at a time, and the event loop."""
+
+    def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa):
+        self.device, self.path, self.client = device, socket_path, client
+        self.verbose, self.opener = verbose, opener
+        self.conn = None
+        self.listener = None
+        self.loop = EventLoop()
+        self.connections = 0
+        self._next_connect = 0.0
+        probe = VdpaDevice(device, opener)
+        try:
+            if probe.device_id not in (VIRTIO_ID_NET, VIRTIO_ID_BLOCK):
+                raise SvqError("%s: device type %d: serve handles net and blk"
+                               % (device, probe.device_id))
+            self.device_id = probe.device_id
+            self.type_names = _type_names(probe.device_id)
+            self.nvq = 2 if probe.device_id == VIRTIO_ID_NET else 1
+            if probe.num_vqs < self.nvq:
+                raise SvqError("%s: %d queues, %d needed" % (device, probe.num_vqs, self.nvq))
+            shadowable = probe.device_features & svq_device_features(probe.device_id)
+            self.offered = (((shadowable | SVQ_GUEST_EXTRA_FEATURES) & ~(1 << VIRTIO_F_ACCESS_PLATFORM))
+                            | (1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+            self.config_size = probe.dev.get_config_size()
+        finally:
+            probe.close()
+        if not client:
+            self._listen()
+
+    def _listen(self):
+        path = self.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise SvqError("%s exists and is not a socket" % path)
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+                raise SvqError("%s: another server is listening there" % path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)     # stale socket left by a dead server
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        except OSError as e:
+            s.close()
+            raise SvqError("bind %s: %s" % (path, e.strerror)) from None
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self._ino = os.stat(path).st_ino
+        s.listen(4)
+        s.setblocking(False)
+        self.listener = s
+        self.loop.add_reader(s.fileno(), self._accept)
+        _vlog("serving %s (%s, %s) on %s" % (self.device, DEVICE_TYPES[self.device_id],
+                                            " ".join(feature_names(self.offered, self.type_names)),
+                                            path))
+
+    def _accept(self):
+        try:
+            sock, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.conn is not None:
+            _vlog("refusing a second frontend (%s) while one is connected" % self._peer(sock))
+            sock.close()
+            return
+        self._open(sock)
+
+    @staticmethod
+    def _peer(sock):
+        try:
+            pid, uid, _ = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            return "pid %d uid %d" % (pid, uid)
+        except OSError:
+            return "unknown peer"
+
+    def _open(self, sock):
+        sock.setblocking(True)
+        try:
+            self.conn = VhostUserConnection(self, sock)
+        except SvqError as e:
+            _vlog("refusing frontend: %s" % e)
+            sock.close()
+            return
+        self.connections += 1
+        _vlog("frontend connected (%s), connection %d" % (self._peer(sock), self.connections))
+
+    def _tick(self):
+        if self.conn is not None:
+            self.conn.poll()
+        if self.client and self.conn is None and time.monotonic() >= self._next_connect:
+            self._next_connect = time.monotonic() + 1.0
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self.path)
+            except OSError:
+                s.close()
+                return
+            self._open(s)
+
+    def connection_closed(self, conn):
+        if self.conn is conn:
+            self.conn = None
+
+    def run(self):
+        """Serve until stop() or SIGINT/SIGTERM (when in the main thread)."""
+        self.loop.install_signals()
+        try:
+            self.loop.run(tick=self._tick, tick_interval=0.2)
+        finally:
+            self.close()
+        return self.loop.stop_signal
+
+    def stop(self):
+        self.loop.stop()
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close("server stopping")
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            try:
+                if os.stat(self.path).st_ino == self._ino:
+                    os.unlink(self.path)
+            except OSError:
+                pass
+        self.loop.close()
+
+
+def cmd_serve(args):
+    server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose)
+    sig = server.run()
+    if sig is not None:
+        _vlog("stopped by %s" % signal.Signals(sig).name)
+    return 0
+
+
+def add_serve_parser(sub):
+    s = sub.add_parser("serve", help="vhost-user backend: shadow a vDPA device for a VMM")
+    s.add_argument("device", help="/dev/vhost-vdpa-N")
+    s.add_argument("--socket", required=True, help="Unix socket path")
+    s.add_argument("--client", action="store_true",
+                   help="connect to a frontend listening on --socket instead of listening")
+    s.add_argument("--verbose", "-v", action="store_true", help="trace every message")
+    return s
+
+
+# ============================================================================
 # CLI
 # ============================================================================
 
@@ -2518,6 +3409,7 @@ def build_parser():
     i = sub.add_parser("info", help="identity and capabilities of a device")
     i.add_argument("device")
     i.add_argument("--json", action="store_true")
+    add_serve_parser(sub)
     return p
 
 
@@ -2582,7 +3474,7 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info}
+COMMANDS = {"run": cmd_run, "info": cmd_info, "serve": cmd_serve}
 
 
 def main(argv=None):
@@ -2592,7 +3484,7 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         if not args.cmd:
-            raise UsageError("no device given; usage: svq.py [run|info] /dev/vhost-vdpa-N")
+            raise UsageError("no device given; usage: svq.py [run|info|serve] /dev/vhost-vdpa-N")
         return COMMANDS[args.cmd](args)
     except SvqError as e:
         sys.stderr.write("svq: %s\n" % e)
