@@ -1126,7 +1126,7 @@ def used_pages(fe):
 
 
 # ---------------------------------------------------------------------------
-# Servers: in a thread on the mock, or `vhost_user.py serve` in a process
+# Servers: in a thread on the mock, or `svq.py serve` in a process
 # ---------------------------------------------------------------------------
 
 class ThreadServer:
@@ -1145,7 +1145,7 @@ class ProcessServer:
     def __init__(self, path, device, extra=()):
         self.path = path
         self.errlog = open(path + ".log", "w+")
-        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "vhost_user.py"),
+        self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "svq.py"),
                                       "serve", device, "--socket", path] + list(extra),
                                      stderr=self.errlog)
         end = time.monotonic() + 60
