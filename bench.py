@@ -383,7 +383,7 @@ class Copier:
         self.dev_ring = dev_ring
         if not notify:
             # A polling device: it asks for no kicks.
-            svq._U16.pack_into(dev_ring.used, 0, svq.VRING_USED_F_NO_NOTIFY)
+            dev_ring.used16[0] = svq.VRING_USED_F_NO_NOTIFY
 
     def close(self):
         for fd in self.fds:
@@ -395,14 +395,12 @@ class Copier:
 
     def make_loop(self):
         """The measured loop, as a closure over locals: run(n_batches)."""
-        U16 = struct.Struct("<H")
         USED = struct.Struct("<II")
-        pack16, unpack16 = U16.pack_into, U16.unpack_from
         pack_used, unpack_used = USED.pack_into, USED.unpack_from
         g = self.gring
-        gavail, gused = g.avail, g.used
-        used_event_off = g.used_event_off
-        davail, dused = self.dev_ring.avail, self.dev_ring.used
+        gavail16, gused, gused16 = g.avail16, g.used, g.used16
+        used_event_i = g.used_event_i
+        davail16, dused, dused16 = self.dev_ring.avail16, self.dev_ring.used, self.dev_ring.used16
         mask = self.num - 1
         hmask = self.nheads - 1
         heads = self.heads
@@ -420,30 +418,29 @@ class Copier:
             for _ in range(n):
                 # Driver: post `batch` chains and publish the avail index.
                 for k in range(aidx, aidx + batch):
-                    pack16(gavail, 4 + (k & mask) * 2, heads[k & hmask])
+                    gavail16[2 + (k & mask)] = heads[k & hmask]
                 aidx = (aidx + batch) & 0xffff
-                pack16(gavail, 2, aidx)
+                gavail16[1] = aidx
                 if forward is not None:
                     forward()
                 # Device stand-in: complete everything available, in order.
-                end = unpack16(davail, 2)[0]
+                end = davail16[1]
                 i = dev_last
                 while i != end:
-                    pack_used(dused, 4 + (i & mask) * 8, unpack16(davail, 4 + (i & mask) * 2)[0],
-                              used_len)
+                    pack_used(dused, 4 + (i & mask) * 8, davail16[2 + (i & mask)], used_len)
                     i = (i + 1) & 0xffff
                 dev_last = i
-                pack16(dused, 2, i)
+                dused16[1] = i
                 if flush is not None:
                     flush()
                 # Driver: consume the used entries, check them, re-arm calls.
-                uend = unpack16(gused, 2)[0]
+                uend = gused16[1]
                 while drv_used != uend:
                     head, length = unpack_used(gused, 4 + (drv_used & mask) * 8)
                     if head != heads[drv_used & hmask] or length != used_len:
                         bad += 1
                     drv_used = (drv_used + 1) & 0xffff
-                pack16(gavail, used_event_off, drv_used if notify else (drv_used + 0x8000) & 0xffff)
+                gavail16[used_event_i] = drv_used if notify else (drv_used + 0x8000) & 0xffff
             state.update(aidx=aidx, dev_last=dev_last, drv_used=drv_used)
             state["bad"] += bad
             if drv_used != aidx:

@@ -21,7 +21,6 @@ import svq
 
 _DESC = struct.Struct("<QIHH")
 _USED = struct.Struct("<II")
-_U16 = struct.Struct("<H")
 
 
 class MockVhostVdpa:
@@ -227,21 +226,26 @@ class MockVhostVdpa:
                 raise IOError("IOVA %#x not mapped" % iova)
         return out
 
+    def _u16(self, iova, perm):
+        """One 16-bit word of a ring as a 1-item view: a single load or store
+        (struct.pack_into zero-fills first: a peer could read a transient 0)."""
+        return self._view(iova, 2, perm).cast("H")
+
     def _pop(self, vq):
         """Next available chain: (head, [(iova, len, write)]) or None."""
         q = self.vqs[vq]
         num = q["num"]
         desc, avail, used = q["addr"]
-        avail_idx = _U16.unpack(self._view(avail + 2, 2, 1))[0]
+        avail_idx = self._u16(avail + 2, 1)[0]
         if avail_idx == q["last_avail"]:
             if self.features >> svq.VIRTIO_RING_F_EVENT_IDX & 1:
                 # avail_event: kick me for the next entry; then look again.
-                self._view(used + 4 + 8 * num, 2, 2)[:] = _U16.pack(q["last_avail"])
+                self._u16(used + 4 + 8 * num, 2)[0] = q["last_avail"]
                 svq.smp_mb()
-                avail_idx = _U16.unpack(self._view(avail + 2, 2, 1))[0]
+                avail_idx = self._u16(avail + 2, 1)[0]
             if avail_idx == q["last_avail"]:
                 return None
-        head = _U16.unpack(self._view(avail + 4 + (q["last_avail"] % num) * 2, 2, 1))[0]
+        head = self._u16(avail + 4 + (q["last_avail"] % num) * 2, 1)[0]
         q["last_avail"] = (q["last_avail"] + 1) & 0xffff
         bufs, i = [], head
         for _ in range(num):
@@ -267,17 +271,17 @@ class MockVhostVdpa:
         _USED.pack_into(self._view(used + 4 + (idx % num) * 8, 8, 2), 0, head, length)
         idx = (idx + (num + 3 if mb == "jump" else 1)) & 0xffff
         q["used_idx"] = idx
-        self._view(used + 2, 2, 2)[:] = _U16.pack(idx)
+        self._u16(used + 2, 2)[0] = idx
 
     def _notify(self, vq, old_used):
         q = self.vqs[vq]
         _, avail, used = q["addr"]
         num = q["num"]
         if self.features >> svq.VIRTIO_RING_F_EVENT_IDX & 1:
-            event = _U16.unpack(self._view(avail + 4 + 2 * num, 2, 1))[0]
+            event = self._u16(avail + 4 + 2 * num, 1)[0]
             needed = svq.vring_need_event(event, q["used_idx"], old_used)
         else:
-            needed = not _U16.unpack(self._view(avail, 2, 1))[0] & 1
+            needed = not self._u16(avail, 1)[0] & 1
         if needed and q["call"] >= 0:
             os.write(q["call"], struct.pack("<Q", 1))
 

@@ -338,15 +338,15 @@ def vring_need_event(event_idx, new_idx, old_idx):
     return ((new_idx - event_idx - 1) & 0xffff) < ((new_idx - old_idx) & 0xffff)
 
 
-def vring_wants_notify(ring, event_idx, event_off, flag, new_idx, old_idx):
+def vring_wants_notify(ring16, event_idx, event_i, flag, new_idx, old_idx):
     """After publishing `new_idx` (the caller has issued the full barrier), does
-    the peer want to be notified?  `ring` is the peer-written part holding both
-    its suppression flag (offset 0) and its event index (`event_off`): the used
-    ring for kicks (NO_NOTIFY, avail_event), the avail ring for calls
-    (NO_INTERRUPT, used_event)."""
+    the peer want to be notified?  `ring16` is the peer-written part, as 16-bit
+    words, holding its suppression flag (word 0) and its event index (word
+    `event_i`): the used ring for kicks (NO_NOTIFY, avail_event), the avail
+    ring for calls (NO_INTERRUPT, used_event)."""
     if event_idx:
-        return vring_need_event(_U16.unpack_from(ring, event_off)[0], new_idx, old_idx)
-    return not _U16.unpack_from(ring, 0)[0] & flag
+        return vring_need_event(ring16[event_i], new_idx, old_idx)
+    return not ring16[0] & flag
 
 
 def feature_names(bits, type_names=None):
@@ -473,6 +473,7 @@ class SharedMemory:
 
     def __init__(self, size, fd=-1, offset=0, prot=mmap.PROT_READ | mmap.PROT_WRITE):
         self.size = size
+        self.leaked = False
         if fd < 0:
             self.mm = mmap.mmap(-1, size, flags=mmap.MAP_SHARED, prot=prot)
         else:
@@ -487,7 +488,9 @@ class SharedMemory:
             try:
                 self.mm.close()
             except BufferError:
-                pass            # a view is still alive; the GC unmaps later
+                # A view is still alive somewhere: the mapping (and the fd
+                # mmap dup()ed) go when the last view does.
+                self.leaked = True
             self.mm = None
 
 
@@ -1143,9 +1146,22 @@ class SplitRing:
         if (len(desc) < vring_desc_size(num) or len(avail) < vring_avail_size(num)
                 or len(used) < vring_used_size(num)):
             raise SvqError("ring of %d entries does not fit its memory" % num)
-        # Offsets of the event-index fields at the end of each ring.
-        self.used_event_off = 4 + 2 * num      # in avail: used_event
-        self.avail_event_off = 4 + 8 * num     # in used: avail_event
+        # Indexes, flags and event indexes are read and written while the peer
+        # runs on another CPU, so they go through 16-bit views: one item is one
+        # 16-bit load or store.  struct.pack_into is no good here: it zero-fills
+        # its target before writing, so a peer can read a transient 0 index.
+        if sys.byteorder != "little":
+            raise SvqError("virtio 1.x rings are little-endian; this host is not")
+        self.avail16 = avail.cast("H")         # flags, idx, ring[num], used_event
+        self.used16 = used.cast("H")           # flags, idx, ring[num] (8 bytes each), avail_event
+        self.used_event_i = 2 + num            # word of used_event in avail
+        self.avail_event_i = 2 + 4 * num       # word of avail_event in used
+
+    def release(self):
+        """Release the views (the 16-bit casts first: they pin their bases),
+        so that the memory under them can be unmapped."""
+        for view in (self.avail16, self.used16, self.desc, self.avail, self.used):
+            view.release()
 
     @staticmethod
     def layout(num):
@@ -1222,61 +1238,58 @@ class ShadowVirtqueue:
         self.broken = None
         self.stats = stats if stats is not None else SvqStats()
         # Start with device calls enabled and guest kicks enabled.
-        self._set_used_flags(self.guest.used, 0)
-        _U16.pack_into(self.shadow.avail, 0, 0)
-        _U16.pack_into(self.shadow.avail, 2, self.shadow_avail_idx)
-        _U16.pack_into(self.shadow.used, 2, self.last_used_idx)
+        self.guest.used16[0] = 0
+        sa, su = self.shadow.avail16, self.shadow.used16
+        sa[0] = 0
+        sa[1] = self.shadow_avail_idx
+        su[1] = self.last_used_idx
         # Event indexes start at the ring base, so the first entry notifies.
-        _U16.pack_into(self.shadow.avail, self.shadow.used_event_off, self.last_used_idx)
-        _U16.pack_into(self.shadow.used, self.shadow.avail_event_off, self.shadow_avail_idx)
-        _U16.pack_into(self.guest.used, self.guest.avail_event_off, self.last_avail_idx)
+        sa[self.shadow.used_event_i] = self.last_used_idx
+        su[self.shadow.avail_event_i] = self.shadow_avail_idx
+        self.guest.used16[self.guest.avail_event_i] = self.last_avail_idx
 
     # -- notification helpers --
-    @staticmethod
-    def _set_used_flags(used, flags):
-        _U16.pack_into(used, 0, flags)
-
-    def _log_used_field(self, off):
+    def _log_used_field(self, word):
         """Our writes to the guest used ring's flags/avail_event dirty it too."""
         if self.log is not None and self.log_used_gpa is not None:
-            self.log.mark(self.log_used_gpa + off, 2)
+            self.log.mark(self.log_used_gpa + 2 * word, 2)
 
     def _guest_disable_kicks(self):
         if not self.guest_event_idx:
-            _U16.pack_into(self.guest.used, 0, VRING_USED_F_NO_NOTIFY)
+            self.guest.used16[0] = VRING_USED_F_NO_NOTIFY
             self._log_used_field(0)
 
     def _guest_enable_kicks(self):
         """Re-arm guest kicks; True if the avail ring is still empty."""
         if self.guest_event_idx:
-            _U16.pack_into(self.guest.used, self.guest.avail_event_off, self.last_avail_idx)
-            self._log_used_field(self.guest.avail_event_off)
+            self.guest.used16[self.guest.avail_event_i] = self.last_avail_idx
+            self._log_used_field(self.guest.avail_event_i)
         else:
-            _U16.pack_into(self.guest.used, 0, 0)
+            self.guest.used16[0] = 0
             self._log_used_field(0)
         # Full barrier: the flag/event store above must be visible before we
         # load the avail index again, or a guest that read the old flag and
         # skipped its kick would strand a buffer (store-load, not TSO-ordered).
         smp_mb()
-        return _U16.unpack_from(self.guest.avail, 2)[0] == self.last_avail_idx
+        return self.guest.avail16[1] == self.last_avail_idx
 
     def _device_disable_calls(self):
         if not self.device_event_idx:
-            _U16.pack_into(self.shadow.avail, 0, VRING_AVAIL_F_NO_INTERRUPT)
+            self.shadow.avail16[0] = VRING_AVAIL_F_NO_INTERRUPT
 
     def _device_enable_calls(self):
         """Re-arm device calls; True if no used entry is pending."""
         if self.device_event_idx:
-            _U16.pack_into(self.shadow.avail, self.shadow.used_event_off, self.last_used_idx)
+            self.shadow.avail16[self.shadow.used_event_i] = self.last_used_idx
         else:
-            _U16.pack_into(self.shadow.avail, 0, 0)
+            self.shadow.avail16[0] = 0
         # Full barrier: publish the flag before re-reading used idx (store-load).
         smp_mb()
-        return _U16.unpack_from(self.shadow.used, 2)[0] == self.last_used_idx
+        return self.shadow.used16[1] == self.last_used_idx
 
     def _fail(self, side, idx, what):
         err = RingError(side, self.index, idx, what)
-        self.broken = err
+        self.broken = str(err)     # the text: a traceback would pin ring views
         raise err
 
     # -- guest -> device --
@@ -1383,7 +1396,7 @@ class ShadowVirtqueue:
         self.desc_wlen[first] = wlen
         self.desc_wgpa[first] = wgpa
         sidx = self.shadow_avail_idx
-        _U16.pack_into(self.shadow.avail, 4 + ((sidx & self.smask) << 1), first)
+        self.shadow.avail16[2 + (sidx & self.smask)] = first
         self.shadow_avail_idx = (sidx + 1) & 0xffff
         self.in_flight += 1
         return True
@@ -1412,11 +1425,11 @@ class ShadowVirtqueue:
         """Drain the guest avail ring into the shadow ring; True if anything was
         added.  Stops early (parks) when the shadow ring is full."""
         added = 0
-        avail = self.guest.avail
+        avail16 = self.guest.avail16
         mask = self.num - 1
         while True:
             self._guest_disable_kicks()
-            avail_idx = _U16.unpack_from(avail, 2)[0]
+            avail_idx = avail16[1]
             # Read barrier: the avail index before the ring entries it covers.
             smp_rmb()
             pending = (avail_idx - self.last_avail_idx) & 0xffff
@@ -1424,7 +1437,7 @@ class ShadowVirtqueue:
                 self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
                            % (pending, self.num))
             while self.last_avail_idx != avail_idx:
-                head = _U16.unpack_from(avail, 4 + (self.last_avail_idx & mask) * 2)[0]
+                head = avail16[2 + (self.last_avail_idx & mask)]
                 if head >= self.num:
                     self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
                 if not self.add(head):
@@ -1442,7 +1455,7 @@ class ShadowVirtqueue:
         old = (self.shadow_avail_idx - added) & 0xffff
         # Write barrier: descriptors and avail entries before the avail index.
         smp_wmb()
-        _U16.pack_into(self.shadow.avail, 2, self.shadow_avail_idx)
+        self.shadow.avail16[1] = self.shadow_avail_idx
         self.kick(old)
         return True
 
@@ -1451,7 +1464,7 @@ class ShadowVirtqueue:
         # Full barrier: the avail index store must be visible before we read
         # the device's suppression flag, or we could skip a needed kick.
         smp_mb()
-        if vring_wants_notify(self.shadow.used, self.device_event_idx, self.shadow.avail_event_off,
+        if vring_wants_notify(self.shadow.used16, self.device_event_idx, self.shadow.avail_event_i,
                               VRING_USED_F_NO_NOTIFY, self.shadow_avail_idx, old_idx):
             os.write(self.device_kick_fd, _EVENTFD_ONE)
             self.stats.device_kicks += 1
@@ -1469,6 +1482,7 @@ class ShadowVirtqueue:
         is QEMU's vhost_svq_get_buf, inlined with its state in locals: this is
         the per-request hot path.  Returns how many entries were moved."""
         sused, gused = self.shadow.used, self.guest.used
+        sused16 = self.shadow.used16
         smask, gmask = self.smask, self.num - 1
         desc_state, desc_wlen, desc_wgpa = self.desc_state, self.desc_wlen, self.desc_wgpa
         desc_next, desc_last, desc_count = self.desc_next, self.desc_last, self.desc_count
@@ -1480,7 +1494,7 @@ class ShadowVirtqueue:
         try:
             while True:
                 self._device_disable_calls()
-                used_idx = _U16.unpack_from(sused, 2)[0]
+                used_idx = sused16[1]
                 # Read barrier: the used index before the entries it publishes.
                 smp_rmb()
                 if ((used_idx - last_used) & 0xffff) > in_flight:
@@ -1519,7 +1533,7 @@ class ShadowVirtqueue:
                 self._log_used_ring(old_used, moved)
             # Write barrier: used entries before the used index the guest polls.
             smp_wmb()
-            _U16.pack_into(gused, 2, gidx)
+            self.guest.used16[1] = gidx
             self.notify_guest(old_used)
         return moved
 
@@ -1552,7 +1566,7 @@ class ShadowVirtqueue:
         # Full barrier: used index store before reading the guest's
         # suppression flag / used_event (store-load).
         smp_mb()
-        if vring_wants_notify(self.guest.avail, self.guest_event_idx, self.guest.used_event_off,
+        if vring_wants_notify(self.guest.avail16, self.guest_event_idx, self.guest.used_event_i,
                               VRING_AVAIL_F_NO_INTERRUPT, self.guest_used_idx, old_used):
             os.write(self.guest_call_fd, _EVENTFD_ONE)
             self.stats.guest_calls += 1
@@ -1564,7 +1578,7 @@ class ShadowVirtqueue:
             return
         self.flush()
         # Used entries freed shadow descriptors: resume a parked guest chain.
-        if self.num_free and self.last_avail_idx != _U16.unpack_from(self.guest.avail, 2)[0]:
+        if self.num_free and self.last_avail_idx != self.guest.avail16[1]:
             self.forward_avail()
 
 
@@ -1690,10 +1704,11 @@ class DriverVirtqueue:
         # Rings start at index `base` (0 normally): both indexes are written
         # before the device starts, as SET_VRING_BASE tells it.
         self.avail_idx = self.kicked_idx = self.last_used_idx = base & 0xffff
-        _U16.pack_into(self.ring.avail, 2, self.avail_idx)
-        _U16.pack_into(self.ring.used, 2, self.last_used_idx)
-        _U16.pack_into(self.ring.avail, self.ring.used_event_off, self.last_used_idx)
-        _U16.pack_into(self.ring.used, self.ring.avail_event_off, self.avail_idx)
+        ring = self.ring
+        ring.avail16[1] = self.avail_idx
+        ring.used16[1] = self.last_used_idx
+        ring.avail16[ring.used_event_i] = self.last_used_idx
+        ring.used16[ring.avail_event_i] = self.avail_idx
         self.kicks = 0
 
     def add(self, bufs, token):
@@ -1725,7 +1740,7 @@ class DriverVirtqueue:
         self.num_free -= need
         self.chain_len[head] = need
         self.tokens[head] = token
-        _U16.pack_into(self.ring.avail, 4 + (self.avail_idx & (self.num - 1)) * 2, head)
+        self.ring.avail16[2 + (self.avail_idx & (self.num - 1))] = head
         self.avail_idx = (self.avail_idx + 1) & 0xffff
         return True
 
@@ -1736,17 +1751,17 @@ class DriverVirtqueue:
         old, self.kicked_idx = self.kicked_idx, self.avail_idx
         # Write barrier: descriptors and ring entries before the avail index.
         smp_wmb()
-        _U16.pack_into(self.ring.avail, 2, self.avail_idx)
+        self.ring.avail16[1] = self.avail_idx
         # Full barrier: avail index store before reading NO_NOTIFY/avail_event.
         smp_mb()
-        if vring_wants_notify(self.ring.used, self.event_idx, self.ring.avail_event_off,
+        if vring_wants_notify(self.ring.used16, self.event_idx, self.ring.avail_event_i,
                               VRING_USED_F_NO_NOTIFY, self.avail_idx, old):
             os.write(self.kick_fd, _EVENTFD_ONE)
             self.kicks += 1
 
     def get_used(self):
         """(token, len) of the next used entry, or None."""
-        if self.last_used_idx == _U16.unpack_from(self.ring.used, 2)[0]:
+        if self.last_used_idx == self.ring.used16[1]:
             return None
         # Read barrier: used index before the entry.
         smp_rmb()
@@ -1766,13 +1781,21 @@ class DriverVirtqueue:
         self.last_used_idx = (self.last_used_idx + 1) & 0xffff
         return token, length
 
+    def release(self):
+        """Let go of guest memory (before it is unmapped)."""
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
+        if self.indirect:
+            self.indirect_view.release()
+
     def enable_cb(self):
         """Ask for a call on the next used entry; True if none is pending."""
         if self.event_idx:
-            _U16.pack_into(self.ring.avail, self.ring.used_event_off, self.last_used_idx)
+            self.ring.avail16[self.ring.used_event_i] = self.last_used_idx
         # Full barrier: used_event store before re-reading the used index.
         smp_mb()
-        return self.last_used_idx == _U16.unpack_from(self.ring.used, 2)[0]
+        return self.last_used_idx == self.ring.used16[1]
 
 
 class LatencyHistogram:
@@ -1822,6 +1845,7 @@ _PATTERN = bytes((i * 7 + 3) & 0xff for i in range(8192))
 class Driver:
     """Common part of the built-in net and blk drivers."""
     queue_count = 1
+    RESULT_FIELDS = ()                  # what the guest process reports back
 
     def __init__(self, dev_type, config, features, num, count, size, write, run_id):
         self.dev_type, self.config, self.features = dev_type, config, features
@@ -1990,6 +2014,7 @@ class BlkDriver(Driver):
     """Reads (and with --write, writes then reads back) blocks stamped with
     their LBA and the run id; GET_ID first, FLUSH at the end."""
     HDR = struct.Struct("<IIQ")             # virtio_blk_outhdr: type, ioprio, sector
+    RESULT_FIELDS = ("device_id_str", "flushed")
     STAMP = struct.Struct("<8sQQ")          # magic, run id, lba
     MAGIC = b"SVQBLK01"
 
@@ -2177,6 +2202,9 @@ class BuiltinRun:
         self.loop = None
         self.log = None
         self.ring_errors = []
+        self.guest_pid = None
+        self.driver_kicks = 0
+        self.elapsed = 0.0
         self.svq_stats = SvqStats()
         self.run_id = int.from_bytes(os.urandom(4), "little")
         try:
@@ -2277,27 +2305,121 @@ class BuiltinRun:
         return svq
 
     # -- running --
-    def _guarded(self, fn, vq):
-        def cb():
-            try:
-                fn()
-            except RingError as e:
-                self.ring_errors.append(str(e))
-                self.driver.stats.error(str(e))
-                self.loop.stop()
-        return cb
+    #
+    # The guest runs in a child process, as a VM's vCPU runs beside the
+    # hypervisor thread that serves its shadow queues: the driver and the
+    # shadow virtqueues get a CPU each, in shadow and in direct mode alike.
+    # Guest memory and rings are MAP_SHARED and the eventfds are inherited, so
+    # the two sides share exactly what a guest and a hypervisor share.
 
     def run(self):
         self.loop = loop = EventLoop()
         loop.install_signals()
-        drv = self.driver
-        for dq in drv.queues:
-            loop.add_reader(dq.call_fd, self._guarded(lambda dq=dq: drv.handle_call(dq), dq.index))
+        self.stop_fd = self._eventfd()          # host -> guest: stop submitting
+        rfd, wfd = os.pipe()                    # guest -> host: its results
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:                            # the guest
+            code = 1
+            try:
+                os.close(rfd)
+                self._guest_process(wfd)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        self.guest_pid = pid
+        try:
+            self._host_process(rfd, pid)
+        finally:
+            os.close(rfd)
+            if self.guest_pid:
+                os.kill(self.guest_pid, signal.SIGKILL)
+                os.waitpid(self.guest_pid, 0)
+
+    def _host_process(self, rfd, pid):
+        """Serve the shadow queues until the guest reports its results."""
+        loop = self.loop
+        chunks = []
+
+        def on_result():
+            data = os.read(rfd, 1 << 16)
+            if data:
+                chunks.append(data)
+            else:
+                loop.remove_reader(rfd)
+                loop.stop()
+
+        def guarded(fn):
+            def cb():
+                try:
+                    fn()
+                except RingError as e:
+                    self.ring_errors.append(str(e))
+                    os.write(self.stop_fd, _EVENTFD_ONE)
+            return cb
+        loop.add_reader(rfd, on_result)
         for svq in self.svqs:
-            loop.add_reader(svq.guest_kick_fd, self._guarded(svq.handle_guest_kick, svq.index))
-            loop.add_reader(svq.device_call_fd, self._guarded(svq.handle_device_call, svq.index))
+            loop.add_reader(svq.guest_kick_fd, guarded(svq.handle_guest_kick))
+            loop.add_reader(svq.device_call_fd, guarded(svq.handle_device_call))
+        # Run until the guest is done; a signal asks it to stop and drain,
+        # while the shadow queues keep serving what it has in flight.
+        loop.run()
+        if loop.stop_signal is not None:
+            os.write(self.stop_fd, _EVENTFD_ONE)
+            loop.stopped = False
+            loop.run(deadline=time.monotonic() + 10)
+        os.waitpid(pid, 0)
+        self.guest_pid = None
+        for svq in self.svqs:                   # pending used entries
+            if svq.broken is None:
+                try:
+                    svq.flush()
+                except RingError as e:
+                    self.ring_errors.append(str(e))
+        self._load_guest_results(b"".join(chunks))
+
+    def _load_guest_results(self, raw):
+        st = self.driver.stats
+        try:
+            res = json.loads(raw.decode())
+        except ValueError:
+            st.error("the guest process died without results")
+            self.elapsed = 0.0
+            return
+        self.elapsed = res.pop("elapsed")
+        self.driver_kicks = res.pop("driver_kicks")
+        st.latency.counts = res.pop("latency")
+        st.latency.n = sum(st.latency.counts)
+        for k, v in res.pop("driver").items():
+            setattr(self.driver, k, v)
+        for k, v in res.items():
+            setattr(st, k, v)
+        for e in self.ring_errors:
+            st.error(e)
+
+    def _guest_process(self, wfd):
+        """The child: the built-in driver on its own event loop."""
+        global _fence_lock
+        _fence_lock = threading.Lock()          # never inherit a held lock
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)  # the host coordinates the stop
+        signal.set_wakeup_fd(-1)
+        drv = self.driver
+        loop = EventLoop()
+        def guarded(fn):
+            def cb():
+                try:
+                    fn()
+                except RingError as e:      # the device side broke the driver's ring
+                    drv.stats.error(str(e))
+                    loop.stop()
+            return cb
+        for dq in drv.queues:
+            loop.add_reader(dq.call_fd, guarded(lambda dq=dq: drv.handle_call(dq)))
+        loop.add_reader(self.stop_fd, loop.stop)
         self.t0 = time.monotonic()
-        drv.start()
         deadline = self.t0 + self.seconds if self.seconds else None
         drv.on_done = loop.stop
         watch = {"requests": -1, "since": self.t0}
@@ -2312,36 +2434,45 @@ class BuiltinRun:
                 loop.stop()
             if self.progress:
                 self.progress(self)
-        loop.run(deadline=deadline, tick=tick)
+        try:
+            drv.start()
+            loop.run(deadline=deadline, tick=tick)
+        except RingError as e:
+            drv.stats.error(str(e))
         drv.on_done = None
-        self.elapsed = time.monotonic() - self.t0
-        self.drain()
+        elapsed = time.monotonic() - self.t0
+        self._guest_drain(loop)
+        st = drv.stats
+        res = {"elapsed": elapsed, "requests": st.requests, "bytes": st.bytes,
+               "errors": st.errors, "error_lines": st.error_lines,
+               "latency": st.latency.counts,
+               "driver_kicks": sum(q.kicks for q in drv.queues),
+               "driver": {k: getattr(drv, k) for k in drv.RESULT_FIELDS}}
+        data = json.dumps(res).encode()
+        while data:
+            data = data[os.write(wfd, data):]
+        loop.close()
 
-    def drain(self, grace=2.0):
-        """Stop submitting, let in-flight requests complete, flush used."""
-        drv, loop = self.driver, self.loop
+    def _guest_drain(self, loop, grace=2.0):
+        """Stop submitting, let in-flight requests complete, FLUSH (blk)."""
+        drv = self.driver
         drv.stopping = True
-        if self.ring_errors:
-            return
         loop.stopped = False
         end = time.monotonic() + grace
         flushing = False
-        while time.monotonic() < end and not self.ring_errors:
+        while time.monotonic() < end:
             if drv.idle():
                 if not flushing and isinstance(drv, BlkDriver) and drv.finish():
                     flushing = True
                 else:
                     break
-            loop.run(deadline=min(end, time.monotonic() + 0.05))
-            if loop.stop_signal is not None and loop.stopped:
-                loop.stopped = False
-        for svq in self.svqs:
-            if svq.broken is None:
-                try:
-                    svq.flush()
-                except RingError as e:
-                    self.ring_errors.append(str(e))
-        if not drv.idle() and not self.ring_errors:
+            try:
+                loop.run(deadline=min(end, time.monotonic() + 0.05))
+            except RingError as e:
+                drv.stats.error(str(e))
+                break
+            loop.stopped = False
+        if not drv.idle():
             drv.stats.error("%d requests still in flight after stopping"
                             % sum(q.num - q.num_free for q in drv.queues))
 
@@ -2350,7 +2481,7 @@ class BuiltinRun:
         secs = max(getattr(self, "elapsed", 0.0), 1e-9)
         s = self.svq_stats
         if self.direct:
-            kicks = {"guest": sum(q.kicks for q in self.driver.queues), "device": None}
+            kicks = {"guest": self.driver_kicks, "device": None}
             calls = {"device": None, "guest": None}
         else:
             kicks = {"guest": s.guest_kicks, "device": s.device_kicks}
@@ -2389,7 +2520,9 @@ class BuiltinRun:
             os.close(fd)
         self.fds = []
         for q in getattr(getattr(self, "driver", None), "queues", []):
-            q.ring = None
+            q.release()
+        for svq in self.svqs:
+            svq.shadow.release()
         self.svqs = []
         for m in self.shadow_mems:
             m.close()
@@ -2691,10 +2824,15 @@ class VhostUserConnection:
                     pass
             what = ("frontend stalled mid-message" if isinstance(e, socket.timeout) else
                     e if isinstance(e, (SvqError, OSError)) else "%s: %s" % (type(e).__name__, e))
-            self.close("%s: %s" % (name, what) if req else str(what))
+            reason = "%s: %s" % (name, what) if req else str(what)
+        else:
+            return
         finally:
             for fd in fds:          # every fd no handler took ownership of
                 os.close(fd)
+        # Close outside the except block: its traceback pins memoryviews of
+        # the frontend's memory, which could then not be unmapped.
+        self.close(reason)
 
     # -- payload checks --
     @staticmethod
@@ -3066,7 +3204,7 @@ class VhostUserConnection:
         rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
         v.device_fds = dkick, dcall = eventfd(), eventfd()
         dev.setup_vq(v.index, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
-        used_idx = _U16.unpack_from(gring.used, 2)[0]
+        used_idx = gring.used16[1]
         v.svq = svq = ShadowVirtqueue(
             v.index, self.mem, gring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
             guest_features, device_features, v.kick, v.call if v.call >= 0 else self.sink,
@@ -3083,7 +3221,10 @@ class VhostUserConnection:
             try:
                 fn()
             except Exception as e:  # RingError, or a device/fd failure
-                self.close("vq %d: %s" % (v.index, e) if not isinstance(e, RingError) else str(e))
+                reason = "vq %d: %s" % (v.index, e) if not isinstance(e, RingError) else str(e)
+            else:
+                return
+            self.close(reason)      # outside the except block (see on_readable)
         return cb
 
     def poll(self):
@@ -3096,8 +3237,8 @@ class VhostUserConnection:
             s = v.svq
             if s is None or s.broken is not None:
                 continue
-            if (_U16.unpack_from(s.shadow.used, 2)[0] != s.last_used_idx
-                    or (s.num_free and _U16.unpack_from(s.guest.avail, 2)[0] != s.last_avail_idx)):
+            if (s.shadow.used16[1] != s.last_used_idx
+                    or (s.num_free and s.guest.avail16[1] != s.last_avail_idx)):
                 v.polled += 1
                 self._guard(v, s.handle_device_call)()
 
@@ -3151,6 +3292,8 @@ class VhostUserConnection:
             self.loop.remove_reader(v.svq.guest_kick_fd)
             self.loop.remove_reader(v.svq.device_call_fd)
             v.svq.log = None
+            v.svq.guest.release()
+            v.svq.shadow.release()
         for setter in (self.dev.dev.set_vring_kick, self.dev.dev.set_vring_call):
             try:
                 setter(v.index, VHOST_FILE_UNBIND)

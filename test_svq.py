@@ -401,9 +401,9 @@ def test_svq_guest_side_event_idx(rig):
     r.guest_add([(0x101000, 8, True)])
     r.svq.handle_guest_kick()
     # avail_event tells the guest to kick at the next entry.
-    assert struct.unpack_from("<H", r.drv.ring.used, r.drv.ring.avail_event_off)[0] == 1
+    assert r.drv.ring.used16[r.drv.ring.avail_event_i] == 1
     # used_event far ahead: the shadow must not call the guest.
-    struct.pack_into("<H", r.drv.ring.avail, r.drv.ring.used_event_off, 100)
+    r.drv.ring.avail16[r.drv.ring.used_event_i] = 100
     (head,) = r.device_pop()
     r.device_push(head, 8)
     r.svq.handle_device_call()
@@ -427,7 +427,7 @@ def test_svq_honours_no_interrupt_and_no_notify(rig):
 
 def test_svq_device_side_event_idx(rig):
     r = rig(device_features=EF)
-    struct.pack_into("<H", r.sring.used, r.sring.avail_event_off, 5)   # kick me at 5
+    r.sring.used16[r.sring.avail_event_i] = 5      # kick me at 5
     r.guest_add([(0x101000, 8, True)])
     r.svq.handle_guest_kick()
     assert r.kick_count() == 0
@@ -435,7 +435,7 @@ def test_svq_device_side_event_idx(rig):
     r.device_push(head, 8)
     r.svq.handle_device_call()
     # used_event asks the device to call for the next used entry.
-    assert struct.unpack_from("<H", r.sring.avail, r.sring.used_event_off)[0] == 1
+    assert r.sring.avail16[r.sring.used_event_i] == 1
 
 
 # -- hostile guest rings --
@@ -579,8 +579,10 @@ def test_builtin_run_against_mock(kind, direct, event_idx):
         s = run.summary()
         regions = [(r.iova, r.size, r.gpa) for r in run.mem.regions]
         used_pages = {q.used_gpa >> 12 for q in run.driver.queues}
+        mems = [r.mem for r in run.mem.regions] + list(run.shadow_mems)
     finally:
         run.close()
+    assert not any(m.leaked for m in mems), "a view kept guest memory mapped"
     dev = op.made[0]
     assert s["errors"] == 0, s["error_messages"]
     assert s["requests"] >= 1500 and s["mode"] == ("direct" if direct else "shadow")
@@ -1105,7 +1107,7 @@ class Frontend:
 
     def close(self):
         self.disconnect()
-        self.vq.ring = None
+        self.vq.release()
         self.mem.close()
         for fd in (self.memfd, self.kick, self.call, self.log_fd):
             if fd >= 0:
@@ -1374,10 +1376,20 @@ MALFORMED["used ring outside memory"] = _ring_outside
 MALFORMED["descriptor outside memory"] = _desc_outside
 
 
+def fd_table():
+    out = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out[int(fd)] = os.readlink("/proc/self/fd/" + fd)
+        except OSError:
+            pass                            # the listing's own fd
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(MALFORMED))
 def test_malformed_message_closes_connection_only(tmpdir_short, name):
     path = os.path.join(tmpdir_short, "vu.sock")
-    fds_before = len(os.listdir("/proc/self/fd"))
+    fds_before = fd_table()
     srv = ThreadServer(path, mockvdpa.opener("blk"))
     try:
         fe = Frontend()
@@ -1398,7 +1410,7 @@ def test_malformed_message_closes_connection_only(tmpdir_short, name):
             fe.close()
     finally:
         srv.stop()
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert fd_table() == fds_before
 
 
 def test_second_frontend_refused_and_socket_mode(tmpdir_short, capfd):
