@@ -1862,8 +1862,11 @@ class Driver:
     def done(self):
         return self.count is not None and self.stats.requests >= self.count
 
+    def in_flight(self):
+        raise NotImplementedError
+
     def idle(self):
-        return all(q.num_free == q.num for q in self.queues)
+        return self.in_flight() == 0
 
     def memory_needed(self):
         raise NotImplementedError
@@ -2006,8 +2009,8 @@ class NetDriver(Driver):
         q.add([(gpa, self.buf_size, True)], token)     # repost the buffer
         q.kick()
 
-    def idle(self):
-        return self.next_seq == self.expect_seq
+    def in_flight(self):
+        return self.next_seq - self.expect_seq  # frames sent, not yet back
 
 
 class BlkDriver(Driver):
@@ -2177,8 +2180,8 @@ class BlkDriver(Driver):
             return True
         return False
 
-    def idle(self):
-        return len(self.free_slots) == self.depth
+    def in_flight(self):
+        return self.depth - len(self.free_slots)
 
 
 class BuiltinRun:
@@ -2418,7 +2421,11 @@ class BuiltinRun:
             return cb
         for dq in drv.queues:
             loop.add_reader(dq.call_fd, guarded(lambda dq=dq: drv.handle_call(dq)))
-        loop.add_reader(self.stop_fd, loop.stop)
+        def on_stop():
+            eventfd_drain(self.stop_fd)
+            loop.remove_reader(self.stop_fd)    # once: the drain must not spin on it
+            loop.stop()
+        loop.add_reader(self.stop_fd, on_stop)
         self.t0 = time.monotonic()
         deadline = self.t0 + self.seconds if self.seconds else None
         drv.on_done = loop.stop
@@ -2473,8 +2480,7 @@ class BuiltinRun:
                 break
             loop.stopped = False
         if not drv.idle():
-            drv.stats.error("%d requests still in flight after stopping"
-                            % sum(q.num - q.num_free for q in drv.queues))
+            drv.stats.error("%d requests still in flight after stopping" % drv.in_flight())
 
     def summary(self):
         st = self.driver.stats
