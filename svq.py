@@ -1237,6 +1237,11 @@ class ShadowVirtqueue:
         self.in_flight = 0
         self.broken = None
         self.stats = stats if stats is not None else SvqStats()
+        # What add() needs, in one tuple: one attribute load per chain, not 15.
+        self._add_ctx = (guest_ring.desc, self.num, self.desc_next, self.desc_gpa, self.desc_len,
+                         shadow_ring.desc, _DESC.pack_into, _DESC.unpack_from, self.desc_state,
+                         self.desc_last, self.desc_count, self.desc_wlen, self.desc_wgpa,
+                         shadow_ring.avail16, self.smask)
         # Start with device calls enabled and guest kicks enabled.
         self.guest.used16[0] = 0
         sa, su = self.shadow.avail16, self.shadow.used16
@@ -1296,14 +1301,8 @@ class ShadowVirtqueue:
     def add(self, head):
         """Copy the guest chain at `head` into the shadow ring.  Returns False
         (nothing consumed) when the shadow ring has too few free descriptors."""
-        table = self.guest.desc
-        table_n = self.num
-        desc_next = self.desc_next
-        slot_gpa = self.desc_gpa
-        slot_len = self.desc_len
-        sdesc = self.shadow.desc
-        pack_desc = _DESC.pack_into
-        unpack_desc = _DESC.unpack_from
+        (table, table_n, desc_next, slot_gpa, slot_len, sdesc, pack_desc, unpack_desc,
+         desc_state, desc_last, desc_count, desc_wlen, desc_wgpa, savail16, smask) = self._add_ctx
         # Region of the previous buffer: most buffers of a chain share it.
         hint_gpa, hint_end, hint_delta = self._hint
         first = slot = self.free_head
@@ -1390,13 +1389,13 @@ class ShadowVirtqueue:
         _U16.pack_into(sdesc, (last << 4) + 12, last_flags)
         self.free_head = slot
         self.num_free = avail - taken
-        self.desc_state[first] = head
-        self.desc_last[first] = last
-        self.desc_count[first] = taken
-        self.desc_wlen[first] = wlen
-        self.desc_wgpa[first] = wgpa
+        desc_state[first] = head
+        desc_last[first] = last
+        desc_count[first] = taken
+        desc_wlen[first] = wlen
+        desc_wgpa[first] = wgpa
         sidx = self.shadow_avail_idx
-        self.shadow.avail16[2 + (sidx & self.smask)] = first
+        savail16[2 + (sidx & smask)] = first
         self.shadow_avail_idx = (sidx + 1) & 0xffff
         self.in_flight += 1
         return True
