@@ -1588,9 +1588,6 @@ class SvqStats:
         self.guest_kicks = self.device_kicks = self.device_calls = 0
         self.guest_calls = self.parked = 0
 
-    def as_dict(self):
-        return {k: getattr(self, k) for k in self.__slots__}
-
 
 # ============================================================================
 # Event loop

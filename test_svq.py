@@ -842,6 +842,32 @@ def test_sigterm_mid_run_resets_device_and_it_is_reusable():
 
 
 @pytest.mark.vdpa
+def test_progress_line_on_a_terminal_only():
+    import pty
+    path = device("SVQ_NET_DEV")
+    master, slave = pty.openpty()
+    p = subprocess.Popen(SVQ + [path, "--seconds", "3"], stdout=subprocess.PIPE,
+                         stderr=slave, universal_newlines=True)
+    os.close(slave)
+    out = p.communicate(timeout=120)[0]
+    tty = b""
+    while True:
+        try:
+            r, _, _ = select.select([master], [], [], 0.5)
+            chunk = os.read(master, 65536) if r else b""
+        except OSError:
+            chunk = b""
+        if not chunk:
+            break
+        tty += chunk
+    os.close(master)
+    assert p.returncode == 0 and "integrity errors 0" in out
+    lines = [l for l in tty.decode().split("\r") if "req/s" in l]
+    assert len(lines) >= 3, tty           # refreshed a few times a second
+    assert "\x1b[K" not in out and out.startswith(path)   # stdout, a pipe: the summary only
+
+
+@pytest.mark.vdpa
 def test_device_error_cases_are_one_line():
     path = device("SVQ_NET_DEV")
     assert "above the device maximum 256" in one_line_error(run_cli(path, "--queue-size", "512"))
@@ -1523,19 +1549,20 @@ def test_dpdk_testpmd_through_shadow(tmpdir_short):
         srv.stop()
 
 
-def test_sigterm_stops_builtin_run_cleanly():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_builtin_run_cleanly(sig):
     op = mockvdpa.opener("net")
     run = svq.BuiltinRun("/dev/mock", seconds=30, opener=op, queue_size=32)
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM))
-    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), sig))
+    before = signal.getsignal(sig)
     timer.start()
     try:
         run.run()
         s = run.summary()
-        sig = run.loop.stop_signal
+        got = run.loop.stop_signal
     finally:
         timer.cancel()
         run.close()
-    assert sig == signal.SIGTERM and s["requests"] > 0 and s["errors"] == 0, s["error_messages"]
-    assert s["seconds"] < 10 and signal.getsignal(signal.SIGTERM) is before
+    assert got == sig and s["requests"] > 0 and s["errors"] == 0, s["error_messages"]
+    assert s["seconds"] < 10 and signal.getsignal(sig) is before
     assert op.made[0].status == 0 and op.made[0].maps == []
