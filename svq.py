@@ -1220,14 +1220,18 @@ class ShadowVirtqueue:
         self.num_free = snum
         self.desc_next = list(range(1, snum)) + [0]   # private free list
         # desc_state, per shadow head: guest head (or -1 when free), the last
-        # slot of the chain, descriptor count, writable bytes offered and the
-        # GPA of the first writable byte if the writable part is contiguous
-        # (-2 when none, -1 when scattered).
+        # slot of the chain, descriptor count, writable bytes offered.  The
+        # writable part, for the dirty log, as up to two GPA-contiguous runs
+        # (a blk read: data, then status): the first run's GPA (-2 when
+        # nothing is writable, -1 when there are more runs) and length, the
+        # second run's GPA (-2 when there is none).
         self.desc_state = [-1] * snum
         self.desc_last = [0] * snum
         self.desc_count = [0] * snum
         self.desc_wlen = [0] * snum
         self.desc_wgpa = [-2] * snum
+        self.desc_w1len = [0] * snum
+        self.desc_w2gpa = [-2] * snum
         # Per slot, for logging scattered writes: GPA (-1 if device-readable)
         # and length of each shadow descriptor.
         self.desc_gpa = [-1] * snum
@@ -1241,7 +1245,7 @@ class ShadowVirtqueue:
         self._add_ctx = (guest_ring.desc, self.num, self.desc_next, self.desc_gpa, self.desc_len,
                          shadow_ring.desc, _DESC.pack_into, _DESC.unpack_from, self.desc_state,
                          self.desc_last, self.desc_count, self.desc_wlen, self.desc_wgpa,
-                         shadow_ring.avail16, self.smask)
+                         self.desc_w1len, self.desc_w2gpa, shadow_ring.avail16, self.smask)
         # Start with device calls enabled and guest kicks enabled.
         self.guest.used16[0] = 0
         sa, su = self.shadow.avail16, self.shadow.used16
@@ -1302,14 +1306,15 @@ class ShadowVirtqueue:
         """Copy the guest chain at `head` into the shadow ring.  Returns False
         (nothing consumed) when the shadow ring has too few free descriptors."""
         (table, table_n, desc_next, slot_gpa, slot_len, sdesc, pack_desc, unpack_desc,
-         desc_state, desc_last, desc_count, desc_wlen, desc_wgpa, savail16, smask) = self._add_ctx
+         desc_state, desc_last, desc_count, desc_wlen, desc_wgpa, desc_w1len, desc_w2gpa,
+         savail16, smask) = self._add_ctx
         # Region of the previous buffer: most buffers of a chain share it.
         hint_gpa, hint_end, hint_delta = self._hint
         first = slot = self.free_head
         last = last_flags = 0
         avail = self.num_free
-        taken = wlen = wend = 0
-        wgpa = -2
+        taken = wlen = wend = w2end = 0
+        wgpa = w2gpa = -2
         seen_write = indirect = False
         i = head
         hops = 0
@@ -1332,10 +1337,16 @@ class ShadowVirtqueue:
                 seen_write = True
                 if wgpa == -2:
                     wgpa, wend = addr, end
-                elif wgpa >= 0 and addr == wend:
-                    wend = end
-                else:
-                    wgpa = -1
+                elif wgpa >= 0:
+                    if w2gpa == -2:
+                        if addr == wend:
+                            wend = end
+                        else:
+                            w2gpa, w2end = addr, end
+                    elif addr == w2end:
+                        w2end = end
+                    else:
+                        wgpa = -1           # a third run: log slot by slot
                 wlen += length
             elif seen_write:
                 self._fail("guest", self.last_avail_idx,
@@ -1394,6 +1405,8 @@ class ShadowVirtqueue:
         desc_count[first] = taken
         desc_wlen[first] = wlen
         desc_wgpa[first] = wgpa
+        desc_w1len[first] = wend - wgpa
+        desc_w2gpa[first] = w2gpa
         sidx = self.shadow_avail_idx
         savail16[2 + (sidx & smask)] = first
         self.shadow_avail_idx = (sidx + 1) & 0xffff
@@ -1484,6 +1497,7 @@ class ShadowVirtqueue:
         sused16 = self.shadow.used16
         smask, gmask = self.smask, self.num - 1
         desc_state, desc_wlen, desc_wgpa = self.desc_state, self.desc_wlen, self.desc_wgpa
+        desc_w1len, desc_w2gpa = self.desc_w1len, self.desc_w2gpa
         desc_next, desc_last, desc_count = self.desc_next, self.desc_last, self.desc_count
         unpack_used, pack_used = _USED_ELEM.unpack_from, _USED_ELEM.pack_into
         log = self.log
@@ -1507,8 +1521,16 @@ class ShadowVirtqueue:
                         self._fail("device", last_used, "used length %d beyond the %d writable bytes"
                                    % (length, desc_wlen[sid]))
                     if log is not None and length:
-                        if desc_wgpa[sid] >= 0:
-                            log.mark(desc_wgpa[sid], length)
+                        # The device wrote `length` bytes from the start of the
+                        # writable part: log them run by run.
+                        wgpa = desc_wgpa[sid]
+                        if wgpa >= 0:
+                            w1 = desc_w1len[sid]
+                            if length <= w1:
+                                log.mark(wgpa, length)
+                            else:
+                                log.mark(wgpa, w1)
+                                log.mark(desc_w2gpa[sid], length - w1)
                         else:
                             self._log_scattered(sid, length)
                     pack_used(gused, 4 + ((gidx & gmask) << 3), desc_state[sid], length)

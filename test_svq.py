@@ -1566,3 +1566,23 @@ def test_signal_stops_builtin_run_cleanly(sig):
     assert got == sig and s["requests"] > 0 and s["errors"] == 0, s["error_messages"]
     assert s["seconds"] < 10 and signal.getsignal(sig) is before
     assert op.made[0].status == 0 and op.made[0].maps == []
+
+
+@pytest.mark.parametrize("runs", [1, 2, 3])
+def test_dirty_log_covers_exactly_the_written_bytes(rig, runs):
+    r = rig()
+    bufs = [(0x101000, 16, False)] + [(0x102000 + k * 0x3000, 0x1800, True) for k in range(runs)]
+    r.guest_add(bufs)
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    written = 0x1800 * (runs - 1) + 0x10        # into the last run by 16 bytes
+    r.device_push(head, written)
+    r.svq.handle_device_call()
+    want = set()
+    left = written
+    for gpa, n, w in bufs[1:]:
+        k = min(n, left)
+        want.update(range(gpa >> 12, (gpa + k - 1 >> 12) + 1))
+        left -= k
+    used_page = r.drv.used_gpa >> 12
+    assert set(r.log.pages()) == want | {used_page}
