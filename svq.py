@@ -1486,10 +1486,6 @@ class ShadowVirtqueue:
         self.stats.guest_kicks += 1
         if self.broken is None:
             self.forward_avail()
-            # Completions already waiting go back now, saving a wakeup for
-            # the device's call (which then finds nothing new to do).
-            if self.shadow.used16[1] != self.last_used_idx:
-                self.flush()
 
     # -- device -> guest --
     def flush(self):
