@@ -2773,7 +2773,6 @@ class VhostUserConnection:
         self.server, self.sock, self.loop = server, sock, server.loop
         self.verbose = server.verbose
         self.closed = False
-        self.dev = None
         self.mem = None
         self.log_mem = None
         self.dirty = None           # DirtyLog over the frontend's log
