@@ -1116,9 +1116,20 @@ class DirtyLog:
             return
         if last >= self.limit:
             last = self.limit - 1
+        if first > last:
+            return
+        # Bits first..last: a partial first byte, whole bytes, a partial last.
         buf = self.buf
-        for page in range(first, last + 1):
-            buf[page >> 3] |= 1 << (page & 7)
+        fb, lb = first >> 3, last >> 3
+        high = (2 << (last & 7)) - 1            # bits 0..last%8
+        low = 0xff & (0xff << (first & 7))      # bits first%8..7
+        if fb == lb:
+            buf[fb] |= low & high
+            return
+        buf[fb] |= low
+        if lb > fb + 1:
+            buf[fb + 1:lb] = b"\xff" * (lb - fb - 1)
+        buf[lb] |= high
 
     def pages(self):
         return [i * 8 + b for i, byte in enumerate(self.buf) if byte
@@ -1172,6 +1183,28 @@ class SplitRing:
         return used_off + page_align_up(vring_used_size(num)), 0, avail_off, used_off
 
 
+def ring_read(view, num, size, pos, n):
+    """A private copy of n ring entries of `size` bytes from free-running
+    index `pos` (avail: size 2, used: size 8; entries start at byte 4).  What
+    is validated is this copy, never the shared ring a peer can rewrite."""
+    s = pos & (num - 1)
+    if s + n <= num:
+        return bytes(view[4 + s * size:4 + (s + n) * size])
+    return bytes(view[4 + s * size:4 + num * size]) + bytes(view[4:4 + (s + n - num) * size])
+
+
+def ring_write(view, num, size, pos, raw):
+    """Store the entries in `raw` at free-running index `pos` (wrapping)."""
+    s = pos & (num - 1)
+    n = len(raw) // size
+    if s + n <= num:
+        view[4 + s * size:4 + (s + n) * size] = raw
+    else:
+        k = (num - s) * size
+        view[4 + s * size:4 + num * size] = raw[:k]
+        view[4:4 + len(raw) - k] = raw[k:]
+
+
 # ============================================================================
 # Shadow virtqueue
 # ============================================================================
@@ -1184,14 +1217,31 @@ class ShadowVirtqueue:
     Device side: a shadow split ring in svq.py's own shared memory, mapped into
     the device's IOVA space; svq.py plays the driver for it.
 
-    The free list of shadow descriptors, and everything needed to complete a
-    chain, are kept privately: nothing read back from shared memory (the
-    device's or the guest's) is trusted as an index or a length."""
+    Two layouts for the shadow descriptor table:
+
+    - mirrored (the default): shadow slot i holds guest descriptor i,
+      translated, with the guest's own `next`, so a shadow head is the guest
+      head and a used entry goes back to the guest as the device wrote it.
+      The shadow slots are built from a private copy of the guest table
+      (`_snap`).  While the guest table still equals that copy, a chain posted
+      again is already validated and translated: forwarding it only claims its
+      descriptors and copies its head.  Drivers that keep their buffers at
+      fixed descriptors (DPDK, svq.py's own driver) pay one comparison of the
+      table per batch; a driver that rewrites its table pays a walk per chain.
+    - copied (QEMU's layout): chains are copied into shadow descriptors taken
+      from a private free list.  Needed when a chain cannot be mirrored: an
+      indirect table (flattened) or a buffer split across memory regions.  The
+      queue moves to it for good, once no request is in flight.
+
+    Everything needed to complete a chain is kept privately: nothing read back
+    from shared memory (the device's or the guest's) is trusted as an index or
+    a length."""
 
     def __init__(self, index, guest_mem, guest_ring, shadow_ring, shadow_iova,
                  guest_features, device_features, guest_kick_fd, guest_call_fd,
                  device_kick_fd, device_call_fd, log=None, log_used_gpa=None,
-                 guest_used_idx=0, last_avail_idx=0, shadow_base=0, stats=None):
+                 guest_used_idx=0, last_avail_idx=0, shadow_base=0, stats=None,
+                 mirror=True):
         self.index = index
         self.mem = guest_mem
         self.guest = guest_ring
@@ -1238,6 +1288,18 @@ class ShadowVirtqueue:
         self.desc_len = [0] * snum
         self.smask = snum - 1
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
+        # Mirrored layout.  A chain is a tuple (mask, count, wlen, wgpa, w1len,
+        # w2gpa): the bit mask of its slots, then as desc_* above.  _busy is
+        # the mask of the slots in flight; desc_chain, per head in flight, its
+        # chain; _chains, per head, the chain walked from _snap (None: not
+        # walked since the table changed).
+        self.mirror = mirror
+        self._switch_pending = False
+        self._snap = b""
+        self._chains = [None] * self.num
+        self._no_chains = [None] * self.num
+        self.desc_chain = [None] * snum
+        self._busy = 0
         self.in_flight = 0
         self.broken = None
         self.stats = stats if stats is not None else SvqStats()
@@ -1433,9 +1495,187 @@ class ShadowVirtqueue:
                        "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
         return view, length // 16
 
+    # -- mirrored layout --
+    def _walk(self, head, idx, busy):
+        """Validate and translate the chain at `head` of the private table copy
+        into the same shadow slots; cache and return its chain tuple.  None
+        when the chain cannot be mirrored (indirect, or split by a region
+        boundary).  `idx` is its avail index, for errors; `busy` the slots
+        in flight, which are never rewritten."""
+        snap, num, unpack_desc, pack_desc = self._snap, self.num, _DESC.unpack_from, _DESC.pack_into
+        sdesc, slot_gpa, slot_len, slot_next = self.shadow.desc, self.desc_gpa, self.desc_len, self.desc_next
+        hint_gpa, hint_end, hint_delta = self._hint
+        mask = count = wlen = wend = w2end = 0
+        wgpa = w2gpa = -2
+        seen_write = False
+        i = head
+        while True:
+            if i >= num:
+                self._fail("guest", idx, "descriptor index %d out of range (head %d)" % (i, head))
+            bit = 1 << i
+            if mask & bit:
+                self._fail("guest", idx, "descriptor chain from head %d loops" % head)
+            mask |= bit
+            addr, length, flags, nxt = unpack_desc(snap, i << 4)
+            if flags & VRING_DESC_F_INDIRECT:
+                if not self.guest_indirect:
+                    self._fail("guest", idx, "indirect descriptor not negotiated (head %d)" % head)
+                return None
+            end = addr + length
+            if not (hint_gpa <= addr and end <= hint_end):
+                r = self.mem.region(addr)
+                if r is None or r.iova is None or self.mem.region(end - 1) is None:
+                    if end > 0xffffffffffffffff:
+                        self._fail("guest", idx, "descriptor length overflows")
+                    self._fail("guest", idx, "buffer [%#x, +%#x) outside guest memory (head %d)"
+                               % (addr, length, head))
+                if end > r.end:
+                    return None             # two shadow descriptors: copy it
+                hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
+                self._hint = (hint_gpa, hint_end, hint_delta)
+            if busy & bit:
+                self._fail("guest", idx, "descriptor %d of head %d is already in flight" % (i, head))
+            write = flags & VRING_DESC_F_WRITE
+            if write:
+                seen_write = True
+                if wgpa == -2:
+                    wgpa, wend = addr, end
+                elif wgpa >= 0:
+                    if w2gpa == -2:
+                        if addr == wend:
+                            wend = end
+                        else:
+                            w2gpa, w2end = addr, end
+                    elif addr == w2end:
+                        w2end = end
+                    else:
+                        wgpa = -1           # a third run: log slot by slot
+                wlen += length
+                slot_gpa[i] = addr
+            elif seen_write:
+                self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
+                           % head)
+            else:
+                slot_gpa[i] = -1
+            slot_len[i] = length
+            count += 1
+            if flags & VRING_DESC_F_NEXT:
+                pack_desc(sdesc, i << 4, addr + hint_delta, length, write | VRING_DESC_F_NEXT, nxt)
+                slot_next[i] = nxt
+                i = nxt
+            else:
+                pack_desc(sdesc, i << 4, addr + hint_delta, length, write, 0)
+                break
+        self.stats.walks += 1
+        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa)
+        return chain
+
+    def _add_mirrored(self, avail_idx):
+        """Forward the guest heads up to `avail_idx` in the mirrored layout;
+        returns how many.  Stops before a chain that cannot be mirrored, and
+        moves the queue to the copied layout (now if nothing is in flight,
+        else once the device has returned everything)."""
+        start = self.last_avail_idx
+        count = (avail_idx - start) & 0xffff
+        num = self.num
+        raw = ring_read(self.guest.avail, num, 2, start, count)
+        table = bytes(self.guest.desc)
+        if table != self._snap:
+            # The guest changed its table: walk chains again from a new copy.
+            self._snap = table
+            self._chains[:] = self._no_chains
+        chains, desc_chain, busy = self._chains, self.desc_chain, self._busy
+        taken = nfree = 0
+        for head in memoryview(raw).cast("H"):
+            if head >= num:
+                self._fail("guest", (start + taken) & 0xffff, "avail head %d out of range" % head)
+            chain = chains[head]
+            if chain is None:
+                chain = self._walk(head, (start + taken) & 0xffff, busy)
+                if chain is None:
+                    if self.in_flight + taken:
+                        self._switch_pending = True
+                    else:
+                        self._enter_copy_mode()
+                    break
+            m = chain[0]
+            if busy & m:
+                self._fail("guest", (start + taken) & 0xffff,
+                           "head %d reuses descriptors already in flight" % head)
+            busy |= m
+            desc_chain[head] = chain
+            nfree += chain[1]
+            taken += 1
+        self._busy = busy
+        if taken:
+            ring_write(self.shadow.avail, self.snum, 2, self.shadow_avail_idx,
+                       raw if taken == count else raw[:2 * taken])
+            self.num_free -= nfree
+            self.in_flight += taken
+            self.shadow_avail_idx = (self.shadow_avail_idx + taken) & 0xffff
+            self.last_avail_idx = (start + taken) & 0xffff
+        return taken
+
+    def _enter_copy_mode(self):
+        """Leave the mirrored layout (nothing is in flight): a fresh free list."""
+        self.mirror = self._switch_pending = False
+        self.desc_next[:] = list(range(1, self.snum)) + [0]
+        self.free_head, self.num_free = 0, self.snum
+        self._snap = b""
+        self._chains[:] = self._no_chains
+
+    def _get_mirrored(self, count):
+        """Move `count` used entries to the guest (mirrored layout: each goes
+        back as the device wrote it, once checked) and log what was written."""
+        start = self.last_used_idx
+        raw = ring_read(self.shadow.used, self.snum, 8, start, count)
+        desc_chain, smask, log = self.desc_chain, self.smask, self.log
+        if log is not None:
+            logbuf, loglimit, mark = log.buf, log.limit, log.mark
+        busy = self._busy
+        k = nfree = 0
+        ents = memoryview(raw).cast("I")
+        try:
+            for sid, length in zip(ents[0::2], ents[1::2]):
+                chain = desc_chain[sid] if sid <= smask else None
+                if chain is None:
+                    self._fail("device", (start + k) & 0xffff,
+                               "used id %d was never made available" % sid)
+                if length > chain[2]:
+                    self._fail("device", (start + k) & 0xffff,
+                               "used length %d beyond the %d writable bytes" % (length, chain[2]))
+                if log is not None and length:
+                    wgpa = chain[3]
+                    if wgpa >= 0:
+                        if length <= chain[4]:
+                            page = wgpa >> PAGE_SHIFT
+                            if (wgpa + length - 1) >> PAGE_SHIFT == page and page < loglimit:
+                                logbuf[page >> 3] |= 1 << (page & 7)
+                            else:
+                                mark(wgpa, length)
+                        else:
+                            mark(wgpa, chain[4])
+                            mark(chain[5], length - chain[4])
+                    else:
+                        self._log_scattered(sid, length, chain[1])
+                busy ^= chain[0]
+                desc_chain[sid] = None
+                nfree += chain[1]
+                k += 1
+        finally:
+            self._busy = busy
+            self.num_free += nfree
+            self.in_flight -= k
+            self.last_used_idx = (start + k) & 0xffff
+        ring_write(self.guest.used, self.num, 8, self.guest_used_idx, raw)
+        self.guest_used_idx = (self.guest_used_idx + count) & 0xffff
+
     def forward_avail(self):
         """Drain the guest avail ring into the shadow ring; True if anything was
-        added.  Stops early (parks) when the shadow ring is full."""
+        added.  Stops early (parks) when the shadow ring is full, or while the
+        queue waits to leave the mirrored layout."""
+        if self._switch_pending:
+            return False
         added = 0
         avail16 = self.guest.avail16
         mask = self.num - 1
@@ -1449,6 +1689,12 @@ class ShadowVirtqueue:
                 self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
                            % (pending, self.num))
             while self.last_avail_idx != avail_idx:
+                if self.mirror:
+                    added += self._add_mirrored(avail_idx)
+                    if self._switch_pending:
+                        self.stats.parked += 1
+                        return self._publish_avail(added)
+                    continue
                 head = avail16[2 + (self.last_avail_idx & mask)]
                 if head >= self.num:
                     self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
@@ -1490,78 +1736,90 @@ class ShadowVirtqueue:
     # -- device -> guest --
     def flush(self):
         """Move every used entry the device produced into the guest used ring,
-        log what the device wrote, then notify the guest once.  The inner loop
-        is QEMU's vhost_svq_get_buf, inlined with its state in locals: this is
-        the per-request hot path.  Returns how many entries were moved."""
-        sused, gused = self.shadow.used, self.guest.used
+        log what the device wrote, then notify the guest once.  Returns how
+        many entries were moved."""
         sused16 = self.shadow.used16
+        old_used = self.guest_used_idx
+        while True:
+            self._device_disable_calls()
+            used_idx = sused16[1]
+            # Read barrier: the used index before the entries it publishes.
+            smp_rmb()
+            count = (used_idx - self.last_used_idx) & 0xffff
+            if count > self.in_flight:
+                self._fail("device", used_idx, "used index moved by %d with %d requests in flight"
+                           % (count, self.in_flight))
+            if count:
+                if self.mirror:
+                    self._get_mirrored(count)
+                else:
+                    self._get_copied(used_idx)
+            if self._device_enable_calls():
+                break
+        if self._switch_pending and not self.in_flight:
+            self._enter_copy_mode()
+        moved = (self.guest_used_idx - old_used) & 0xffff
+        if moved:
+            if self.log is not None:
+                self._log_used_ring(old_used, moved)
+            # Write barrier: used entries before the used index the guest polls.
+            smp_wmb()
+            self.guest.used16[1] = self.guest_used_idx
+            self.notify_guest(old_used)
+        return moved
+
+    def _get_copied(self, used_idx):
+        """Copied layout: move the used entries up to `used_idx`.  QEMU's
+        vhost_svq_get_buf, inlined with its state in locals: this loop is the
+        per-request hot path."""
+        sused, gused = self.shadow.used, self.guest.used
         smask, gmask = self.smask, self.num - 1
         desc_state, desc_wlen, desc_wgpa = self.desc_state, self.desc_wlen, self.desc_wgpa
         desc_w1len, desc_w2gpa = self.desc_w1len, self.desc_w2gpa
         desc_next, desc_last, desc_count = self.desc_next, self.desc_last, self.desc_count
         unpack_used, pack_used = _USED_ELEM.unpack_from, _USED_ELEM.pack_into
         log = self.log
-        old_used = gidx = self.guest_used_idx
+        gidx = self.guest_used_idx
         last_used = self.last_used_idx
         free_head, num_free, in_flight = self.free_head, self.num_free, self.in_flight
         try:
-            while True:
-                self._device_disable_calls()
-                used_idx = sused16[1]
-                # Read barrier: the used index before the entries it publishes.
-                smp_rmb()
-                if ((used_idx - last_used) & 0xffff) > in_flight:
-                    self._fail("device", used_idx, "used index moved by %d with %d requests in flight"
-                               % ((used_idx - last_used) & 0xffff, in_flight))
-                while last_used != used_idx:
-                    sid, length = unpack_used(sused, 4 + ((last_used & smask) << 3))
-                    if sid > smask or desc_state[sid] < 0:
-                        self._fail("device", last_used, "used id %d was never made available" % sid)
-                    if length > desc_wlen[sid]:
-                        self._fail("device", last_used, "used length %d beyond the %d writable bytes"
-                                   % (length, desc_wlen[sid]))
-                    if log is not None and length:
-                        # The device wrote `length` bytes from the start of the
-                        # writable part: log them run by run.
-                        wgpa = desc_wgpa[sid]
-                        if wgpa >= 0:
-                            w1 = desc_w1len[sid]
-                            if length <= w1:
-                                log.mark(wgpa, length)
-                            else:
-                                log.mark(wgpa, w1)
-                                log.mark(desc_w2gpa[sid], length - w1)
+            while last_used != used_idx:
+                sid, length = unpack_used(sused, 4 + ((last_used & smask) << 3))
+                if sid > smask or desc_state[sid] < 0:
+                    self._fail("device", last_used, "used id %d was never made available" % sid)
+                if length > desc_wlen[sid]:
+                    self._fail("device", last_used, "used length %d beyond the %d writable bytes"
+                               % (length, desc_wlen[sid]))
+                if log is not None and length:
+                    # The device wrote `length` bytes from the start of the
+                    # writable part: log them run by run.
+                    wgpa = desc_wgpa[sid]
+                    if wgpa >= 0:
+                        w1 = desc_w1len[sid]
+                        if length <= w1:
+                            log.mark(wgpa, length)
                         else:
-                            self._log_scattered(sid, length)
-                    pack_used(gused, 4 + ((gidx & gmask) << 3), desc_state[sid], length)
-                    # Return the chain to the private free list in one splice.
-                    desc_next[desc_last[sid]] = free_head
-                    free_head = sid
-                    num_free += desc_count[sid]
-                    desc_state[sid] = -1
-                    in_flight -= 1
-                    last_used = (last_used + 1) & 0xffff
-                    gidx = (gidx + 1) & 0xffff
-                self.last_used_idx = last_used
-                if self._device_enable_calls():
-                    break
+                            log.mark(wgpa, w1)
+                            log.mark(desc_w2gpa[sid], length - w1)
+                    else:
+                        self._log_scattered(sid, length, desc_count[sid])
+                pack_used(gused, 4 + ((gidx & gmask) << 3), desc_state[sid], length)
+                # Return the chain to the private free list in one splice.
+                desc_next[desc_last[sid]] = free_head
+                free_head = sid
+                num_free += desc_count[sid]
+                desc_state[sid] = -1
+                in_flight -= 1
+                last_used = (last_used + 1) & 0xffff
+                gidx = (gidx + 1) & 0xffff
         finally:
             self.last_used_idx, self.guest_used_idx = last_used, gidx
             self.free_head, self.num_free, self.in_flight = free_head, num_free, in_flight
-        moved = (gidx - old_used) & 0xffff
-        if moved:
-            if log is not None:
-                self._log_used_ring(old_used, moved)
-            # Write barrier: used entries before the used index the guest polls.
-            smp_wmb()
-            self.guest.used16[1] = gidx
-            self.notify_guest(old_used)
-        return moved
 
-    def _log_scattered(self, sid, length):
+    def _log_scattered(self, sid, length, count):
         """Log `length` written bytes over a chain's writable descriptors, in order."""
         slot = sid
-        for _ in range(self.desc_count[sid]):
+        for _ in range(count):
             gpa = self.desc_gpa[slot]
             if gpa >= 0:
                 n = min(length, self.desc_len[slot])
@@ -1604,11 +1862,11 @@ class ShadowVirtqueue:
 
 
 class SvqStats:
-    __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked")
+    __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked", "walks")
 
     def __init__(self):
         self.guest_kicks = self.device_kicks = self.device_calls = 0
-        self.guest_calls = self.parked = 0
+        self.guest_calls = self.parked = self.walks = 0
 
 
 # ============================================================================
@@ -1695,13 +1953,17 @@ class EventLoop:
 # ============================================================================
 
 class DriverVirtqueue:
-    """The driver side of a split ring in guest memory, as a guest kernel's
-    virtio_ring would run it: private free list, avail publishing, kick
-    suppression honoured, used entries consumed in order."""
+    """The driver side of a split ring in guest memory: avail publishing, kick
+    suppression honoured, used entries consumed in order.  Descriptors come
+    from a private free list, as in a guest kernel's virtio_ring, or, with
+    `fixed`, from where the caller says (add(..., at=)): each buffer then
+    keeps its descriptors and the table does not change from one request to
+    the next, as with DPDK's virtio PMD."""
 
     def __init__(self, index, mem, num, ring_gpa, features, kick_fd, call_fd,
-                 indirect_gpa=None, indirect_max=0, base=0):
+                 indirect_gpa=None, indirect_max=0, base=0, fixed=False):
         self.index, self.mem, self.num = index, mem, num
+        self.fixed = fixed
         total, doff, aoff, uoff = SplitRing.layout(num)
         self.desc_gpa, self.avail_gpa, self.used_gpa = ring_gpa + doff, ring_gpa + aoff, ring_gpa + uoff
         view = mem.view(ring_gpa, total)
@@ -1729,14 +1991,23 @@ class DriverVirtqueue:
         ring.used16[ring.avail_event_i] = self.avail_idx
         self.kicks = 0
 
-    def add(self, bufs, token):
-        """Queue one chain of (gpa, len, writable) buffers; False if full."""
+    def add(self, bufs, token, at=None):
+        """Queue one chain of (gpa, len, writable) buffers; False if full.
+        A fixed queue puts it at descriptors at, at+1, ... (False while the
+        chain there is still in flight)."""
         n = len(bufs)
         use_indirect = self.indirect and 1 < n <= self.indirect_max
         need = 1 if use_indirect else n
         if need > self.num_free:
             return False
-        head = self.free_head
+        if self.fixed:
+            if at is None or at + need > self.num:
+                raise SvqError("fixed driver queue: chain of %d at %r" % (need, at))
+            if self.tokens[at] is not None:
+                return False
+            head = at
+        else:
+            head = self.free_head
         desc = self.ring.desc
         if use_indirect:
             base = head * self.indirect_max * 16
@@ -1750,11 +2021,13 @@ class DriverVirtqueue:
         else:
             slot = head
             for i, (gpa, length, write) in enumerate(bufs):
-                nxt = self.desc_next[slot]
-                flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
-                _DESC.pack_into(desc, slot * 16, gpa, length, flags, nxt)
+                nxt = slot + 1 if self.fixed else self.desc_next[slot]
+                last = i + 1 == n
+                flags = (VRING_DESC_F_WRITE if write else 0) | (0 if last else VRING_DESC_F_NEXT)
+                _DESC.pack_into(desc, slot * 16, gpa, length, flags, 0 if last and self.fixed else nxt)
                 slot = nxt
-        self.free_head = slot
+        if not self.fixed:
+            self.free_head = slot
         self.num_free -= need
         self.chain_len[head] = need
         self.tokens[head] = token
@@ -1790,11 +2063,12 @@ class DriverVirtqueue:
                             "used id %d is not in flight" % head)
         token = self.tokens[head]
         self.tokens[head] = None
-        slot = head
-        for _ in range(self.chain_len[head] - 1):
-            slot = self.desc_next[slot]
-        self.desc_next[slot] = self.free_head
-        self.free_head = head
+        if not self.fixed:
+            slot = head
+            for _ in range(self.chain_len[head] - 1):
+                slot = self.desc_next[slot]
+            self.desc_next[slot] = self.free_head
+            self.free_head = head
         self.num_free += self.chain_len[head]
         self.last_used_idx = (self.last_used_idx + 1) & 0xffff
         return token, length
@@ -1889,6 +2163,14 @@ class Driver:
     def memory_needed(self):
         raise NotImplementedError
 
+    def region_split(self, base):
+        """A page-aligned GPA between two of the buffers laid out from `base`."""
+        raise NotImplementedError
+
+    def first_buffer(self, base):
+        """GPA of a buffer that every run uses, for buffers laid out from `base`."""
+        raise NotImplementedError
+
     def handle_call(self, q):
         eventfd_drain(q.call_fd)
         while True:
@@ -1935,6 +2217,13 @@ class NetDriver(Driver):
         slot = page_align_up(self.buf_size) if self.buf_size > 2048 else 2048
         return 2 * self.num * slot + 2 * PAGE_SIZE
 
+    def region_split(self, base):
+        slot = page_align_up(self.buf_size) if self.buf_size > 2048 else 2048
+        return base + self.num * slot          # between the RX and the TX buffers
+
+    def first_buffer(self, base):
+        return base                             # RX buffer 0
+
     def setup_buffers(self, mem, base):
         slot = page_align_up(self.buf_size) if self.buf_size > 2048 else 2048
         self.rx_gpa = [base + i * slot for i in range(self.num)]
@@ -1949,7 +2238,7 @@ class NetDriver(Driver):
     def start(self):
         rx = self.queues[0]
         for i in range(self.num):
-            rx.add([(self.rx_gpa[i], self.buf_size, True)], i)
+            rx.add([(self.rx_gpa[i], self.buf_size, True)], i, at=i)
         self.rx_posted = self.num
         rx.kick()
         self.refill()
@@ -1966,8 +2255,8 @@ class NetDriver(Driver):
         while (self.next_seq - self.expect_seq < inflight_limit and tx.num_free >= 2
                and (self.count is None or self.next_seq < self.count)):
             seq = self.next_seq
-            slot = seq % self.num
-            gpa = self.tx_gpa[slot]
+            unit = seq % (self.num // 2)        # descriptors 2*unit, 2*unit+1
+            gpa = self.tx_gpa[unit]
             size = self.frame_size(seq)
             plen = size - self.HDR.size
             poff = seq % 251
@@ -1979,7 +2268,7 @@ class NetDriver(Driver):
             frame[h:h + plen] = payload
             self.mem.write(gpa, memoryview(frame)[:VIRTIO_NET_HDR_SIZE + size])
             if not tx.add([(gpa, VIRTIO_NET_HDR_SIZE, False),
-                           (gpa + VIRTIO_NET_HDR_SIZE, size, False)], seq):
+                           (gpa + VIRTIO_NET_HDR_SIZE, size, False)], seq, at=2 * unit):
                 break
             self.sent_at[seq] = time.perf_counter_ns()
             self.next_seq += 1
@@ -2024,7 +2313,7 @@ class NetDriver(Driver):
         st.requests += 1
         st.bytes += size
         self.expect_seq = seq + 1
-        q.add([(gpa, self.buf_size, True)], token)     # repost the buffer
+        q.add([(gpa, self.buf_size, True)], token, at=token)     # repost the buffer
         q.kick()
 
     def in_flight(self):
@@ -2057,8 +2346,8 @@ class BlkDriver(Driver):
         if self.capacity < self.sectors:
             raise UsageError("device capacity %d sectors is smaller than one request" % self.capacity)
         indirect = self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1
-        self.depth = max(1, self.num // (1 if indirect else self.nsegs + 2))
-        self.depth = min(self.depth, 64)
+        self.stride = 1 if indirect else self.nsegs + 2     # descriptors per slot
+        self.depth = min(max(1, self.num // self.stride), 64)
         self.span = self.capacity - self.capacity % self.sectors
         self.next_lba = 0
         self.issued = 0
@@ -2069,6 +2358,13 @@ class BlkDriver(Driver):
 
     def memory_needed(self):
         return self.depth * (page_align_up(self.size) * 2 + 64) + 3 * PAGE_SIZE
+
+    def region_split(self, base):
+        data_sz = page_align_up(self.size)
+        return base + (2 * data_sz * (self.depth // 2) if self.depth > 1 else data_sz)
+
+    def first_buffer(self, base):
+        return base + page_align_up(self.size)  # slot 0's read buffer
 
     def setup_buffers(self, mem, base):
         self.mem = mem
@@ -2107,7 +2403,7 @@ class BlkDriver(Driver):
         if length:
             bufs += self._segments(data_gpa, length, kind != VIRTIO_BLK_T_OUT)
         bufs.append((self.status_gpa[slot], 1, True))
-        if not q.add(bufs, slot):
+        if not q.add(bufs, slot, at=slot * self.stride):
             return False
         self.slot_state[slot] = (kind, lba, length, verify, time.perf_counter_ns())
         return True
@@ -2210,8 +2506,9 @@ class BuiltinRun:
 
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
-                 ring_base=0, opener=VhostVdpa):
+                 ring_base=0, straddle=False, opener=VhostVdpa):
         self.path, self.direct = path, direct
+        self.straddle = straddle
         self.ring_base = ring_base
         self.count, self.seconds = count, seconds
         self.progress = progress
@@ -2270,16 +2567,22 @@ class BuiltinRun:
         self.driver = drv = cls(dev.type, self.config, guest_features, num, self.count,
                                 size, write, self.run_id)
         nq = cls.queue_count
-        # Guest memory: rings and indirect tables, then buffers that start
-        # off-page so that one of them straddles the two regions' boundary.
+        # Guest memory, in two regions: rings and indirect tables, then the
+        # buffers.  The regions meet between two buffers; with `straddle` the
+        # buffers start 256 bytes before a page and the regions meet inside a
+        # buffer every run uses (the shadow must split it: copied layout).
         ring_bytes = page_align_up(SplitRing.layout(num)[0])
         ind_max = 8 + drv.queue_count + getattr(drv, "nsegs", 0)
         ind_bytes = page_align_up(num * ind_max * 16)
         rings_end = self.GUEST_BASE + nq * (ring_bytes + ind_bytes)
-        buf_base = rings_end + 512
+        if self.straddle:
+            buf_base = rings_end + PAGE_SIZE - 256
+            split = page_align_up(drv.first_buffer(buf_base) + 1)
+        else:
+            buf_base = rings_end
+            split = drv.region_split(buf_base)
         total = page_align_up(buf_base + drv.memory_needed() - self.GUEST_BASE)
-        first = page_align_up((buf_base - self.GUEST_BASE) + drv.memory_needed() // 2)
-        first = min(first, total - PAGE_SIZE)
+        first = min(split - self.GUEST_BASE, total - PAGE_SIZE)
         self.mem = mem = GuestMemory.anonymous([(self.GUEST_BASE, first),
                                                 (self.GUEST_BASE + first, total - first)])
         if self.direct:
@@ -2296,7 +2599,7 @@ class BuiltinRun:
             ring_gpa = self.GUEST_BASE + vq * (ring_bytes + ind_bytes)
             kick, call = self._eventfd(), self._eventfd()
             dq = DriverVirtqueue(vq, mem, num, ring_gpa, guest_features, kick, call,
-                                 ring_gpa + ring_bytes, ind_max, self.ring_base)
+                                 ring_gpa + ring_bytes, ind_max, self.ring_base, fixed=True)
             queues.append(dq)
             if self.direct:
                 dev.setup_vq(vq, num, dq.desc_gpa, dq.avail_gpa, dq.used_gpa, kick, call,
@@ -2521,6 +2824,8 @@ class BuiltinRun:
             "errors": st.errors, "error_messages": st.error_lines,
             "dirty_pages": self.log.count() if self.log is not None else None,
             "kicks": kicks, "calls": calls, "parked": s.parked,
+            "layout": None if self.direct else ["mirrored" if q.mirror else "copied" for q in self.svqs],
+            "chain_walks": None if self.direct else s.walks,
             "queue_size": self.driver.num,
             "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
             "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
@@ -3571,6 +3876,9 @@ def build_parser():
     r.add_argument("--no-event-idx", action="store_true", help="driver: do not use event index")
     r.add_argument("--ring-base", type=int, default=0, metavar="N",
                    help="start every ring index at N (0-65535), to cross the 16-bit wrap early")
+    r.add_argument("--straddle", action="store_true",
+                   help="driver: put one buffer across the two guest memory regions "
+                        "(the shadow then copies chains instead of mirroring them)")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     i = sub.add_parser("info", help="identity and capabilities of a device")
     i.add_argument("device")
@@ -3597,7 +3905,8 @@ def format_summary(s):
     if s["mode"] == "shadow":
         lines.append("  kicks guest->svq %d, svq->device %d; calls device->svq %d, svq->guest %d"
                      % (k["guest"], k["device"], c["device"], c["guest"]))
-        lines.append("  dirty pages %d" % s["dirty_pages"])
+        lines.append("  dirty pages %d; shadow layout %s, %d chains walked"
+                     % (s["dirty_pages"], "/".join(s["layout"]), s["chain_walks"]))
     else:
         lines.append("  kicks driver->device %d (device writes are invisible in direct mode)" % k["guest"])
     if "blk_id" in s:
@@ -3616,7 +3925,7 @@ def cmd_run(args):
     run = BuiltinRun(args.device, direct=args.direct, queue_size=args.queue_size,
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
-                     ring_base=args.ring_base,
+                     ring_base=args.ring_base, straddle=args.straddle,
                      progress=progress)
     try:
         run.run()

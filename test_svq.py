@@ -438,6 +438,57 @@ def test_svq_device_side_event_idx(rig):
     assert r.sring.avail16[r.sring.used_event_i] == 1
 
 
+def test_svq_mirrors_chains_and_reuses_them_while_the_table_is_unchanged(rig):
+    r = rig()
+    bufs = [(0x101000, 100, False), (0x112000, 0x1800, True)]
+    for rnd in range(3):
+        r.guest_add(bufs, rnd)
+        r.svq.handle_guest_kick()
+        (head,) = r.device_pop()
+        r.pending.clear()
+        # Mirrored: the shadow head is the guest's, and so are its slots.
+        assert head == r.drv.ring.avail16[2 + rnd % 8] == 0
+        assert r.shadow_chain(head) == [(0x101000 + IOVA_OFFSET, 100, 0),
+                                        (0x112000 + IOVA_OFFSET, 0x1800, svq.VRING_DESC_F_WRITE)]
+        r.device_push(head, 0x1800)
+        r.svq.handle_device_call()
+        assert r.drv.get_used() == (rnd, 0x1800)
+    assert r.svq.mirror and r.svq.stats.walks == 1     # walked once, reused twice
+    # The guest rewrites its table: the chain is walked again from a new copy.
+    r.guest_add([(0x101000, 50, False), (0x113000, 0x800, True)], "new")
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    assert r.shadow_chain(head)[1] == (0x113000 + IOVA_OFFSET, 0x800, svq.VRING_DESC_F_WRITE)
+    assert r.svq.stats.walks == 2
+    r.device_push(head, 0x10)
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("new", 0x10)
+    assert 0x113 in r.log.pages() and r.svq.num_free == 8 and r.svq.in_flight == 0
+
+
+def test_svq_moves_to_the_copied_layout_once_nothing_is_in_flight(rig):
+    r = rig()
+    r.guest_add([(0x101000, 64, True)], "a")
+    r.svq.handle_guest_kick()
+    # A buffer across the region boundary needs two shadow descriptors: it
+    # waits until "a" is back, then the queue copies chains.
+    r.guest_add([(Rig.R1 - 0x10, 0x20, True)], "b")
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    r.pending.clear()
+    assert r.svq.mirror and r.svq.stats.parked == 1 and r.svq.in_flight == 1
+    r.device_push(head, 64)
+    r.svq.handle_device_call()
+    assert not r.svq.mirror
+    (head,) = r.device_pop()
+    assert r.shadow_chain(head) == [(Rig.R1 - 0x10 + IOVA_OFFSET, 0x10, svq.VRING_DESC_F_WRITE),
+                                    (Rig.R1 + IOVA_OFFSET, 0x10, svq.VRING_DESC_F_WRITE)]
+    r.device_push(head, 0x20)
+    r.svq.handle_device_call()
+    assert [r.drv.get_used() for _ in range(2)] == [("a", 64), ("b", 0x20)]
+    assert r.svq.num_free == 8 and r.svq.in_flight == 0
+
+
 # -- hostile guest rings --
 
 def _write_desc(r, i, addr, length, flags, nxt=0):
@@ -480,6 +531,36 @@ def test_svq_rejects_hostile_guest_ring(rig, case):
     assert struct.unpack_from("<H", r.sring.avail, 2)[0] == 0
     assert bytes(r.smem.mv)[r.sring.num * 16:] == before[r.sring.num * 16:]
     r.svq.handle_guest_kick()           # a broken queue stays stopped, quietly
+
+
+def test_svq_rejects_descriptors_reused_while_in_flight(rig):
+    W, N = svq.VRING_DESC_F_WRITE, svq.VRING_DESC_F_NEXT
+    # The same head twice.
+    r = rig()
+    _write_desc(r, 0, 0x101000, 8, W)
+    _publish(r, [0, 0])
+    with pytest.raises(svq.RingError, match="head 0 reuses descriptors already in flight"):
+        r.svq.handle_guest_kick()
+    # A head inside a chain in flight.
+    r = rig()
+    _write_desc(r, 0, 0x101000, 8, N, 1)
+    _write_desc(r, 1, 0x102000, 8, W)
+    _publish(r, [0, 1])
+    with pytest.raises(svq.RingError, match="already in flight"):
+        r.svq.handle_guest_kick()
+    # A descriptor in flight rewritten and posted again: the device's copy of
+    # it must not change under the device.
+    r = rig()
+    _write_desc(r, 0, 0x101000, 8, N, 1)
+    _write_desc(r, 1, 0x102000, 8, W)
+    _publish(r, [0])
+    r.svq.handle_guest_kick()
+    shadow_before = bytes(r.sring.desc)
+    _write_desc(r, 1, 0x103000, 16, W)
+    _publish(r, [1], start=1)
+    with pytest.raises(svq.RingError, match="descriptor 1 of head 1 is already in flight"):
+        r.svq.handle_guest_kick()
+    assert bytes(r.sring.desc) == shadow_before
 
 
 def test_svq_rejects_indirect_abuse(rig):
@@ -568,12 +649,13 @@ def test_svq_rejects_hostile_device(rig, kind, pattern):
 # ============================================================================
 
 @pytest.mark.parametrize("kind", ["net", "blk"])
-@pytest.mark.parametrize("direct", [False, True], ids=["shadow", "direct"])
+@pytest.mark.parametrize("direct,straddle", [(False, False), (False, True), (True, False)],
+                         ids=["shadow", "shadow-straddle", "direct"])
 @pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "evidx"])
-def test_builtin_run_against_mock(kind, direct, event_idx):
+def test_builtin_run_against_mock(kind, direct, straddle, event_idx):
     op = mockvdpa.opener(kind, event_idx=event_idx)
     run = svq.BuiltinRun("/dev/mock", direct=direct, count=1500, seconds=None,
-                         write=kind == "blk", opener=op, queue_size=64)
+                         write=kind == "blk", opener=op, queue_size=64, straddle=straddle)
     try:
         run.run()
         s = run.summary()
@@ -598,6 +680,11 @@ def test_builtin_run_against_mock(kind, direct, event_idx):
                     written.update(range((gpa + iova - base) >> 12, (gpa + iova - base + n - 1 >> 12) + 1))
         assert s["dirty_pages"] == len(written | used_pages)
         assert s["kicks"]["device"] > 0 and s["calls"]["guest"] > 0
+        # The driver keeps its buffers at fixed descriptors, so the shadow
+        # mirrors them; a buffer across the regions makes its queue copy.
+        assert s["layout"][0] == ("copied" if straddle else "mirrored")
+        assert s["layout"][1:] == ["mirrored"] * (len(s["layout"]) - 1)
+        assert 0 < s["chain_walks"] <= s["requests"] * 2
 
 
 def test_builtin_run_with_indirect_and_ring_base_near_wrap():
