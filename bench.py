@@ -119,26 +119,23 @@ def proc_status_kib(pid):
     return out
 
 
-def svq_run(dev, seconds, size, write, direct, timeout):
-    argv = [sys.executable, SVQ, "run", dev, "--json", "--seconds", str(seconds),
-            "--size", str(size)]
-    if direct:
-        argv.append("--direct")
-    if write:
-        argv.append("--write")
+def svq_run(dev, seconds, size, write, direct):
+    """One `svq.py run`, in this process (svq.BuiltinRun, as the CLI runs it):
+    no interpreter start-up between runs, so rounds can be many and long."""
+    import svq
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           universal_newlines=True, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"rc": None, "failure": "timed out after %ds" % timeout}
-    res = {"rc": p.returncode}
-    try:
-        s = json.loads(p.stdout)
-    except ValueError:
-        res["failure"] = (p.stderr.strip() or p.stdout.strip() or "no output")[-400:]
-        return res
+        run = svq.BuiltinRun(dev, direct=direct, seconds=seconds, size=size, write=write)
+        try:
+            run.run()
+            s = run.summary()
+        finally:
+            run.close()
+    except svq.SvqError as e:
+        return {"rc": 2, "failure": str(e)}
+    res = {"rc": 0}
     for k in ("requests", "bytes", "seconds", "requests_per_second", "mbit_per_second",
-              "errors", "kicks", "calls", "parked", "latency_us"):
+              "errors", "kicks", "calls", "parked", "latency_us", "cpu_seconds",
+              "chain_walks", "layout"):
         res[k] = s.get(k)
     if s.get("errors"):
         res["error_messages"] = s.get("error_messages", [])[:3]
@@ -188,8 +185,7 @@ def cmd_vm(args):
         modes = ("direct", "shadow") if rnd % 2 == 0 else ("shadow", "direct")
         for cid, var, _, size, write in cases:
             for mode in modes:
-                r = svq_run(devs[var], args.seconds, size, write, mode == "direct",
-                            timeout=int(args.seconds * 10 + 60))
+                r = svq_run(devs[var], args.seconds, size, write, mode == "direct")
                 r.update(case=cid, mode=mode, round=rnd)
                 out["runs"].append(r)
                 done += 1
@@ -297,6 +293,11 @@ def summarize_devices(vm):
                          "mbit": median(mbs), "mbit_min": min(mbs) if mbs else None,
                          "mbit_max": max(mbs) if mbs else None,
                          "errors": sum(r.get("errors") or 0 for r in ok)}
+            # CPU per request of each process (median over the rounds).
+            for who in ("driver", "svq"):
+                us = [r["cpu_seconds"][who] * 1e6 / r["requests"] for r in ok
+                      if (r.get("cpu_seconds") or {}).get(who) is not None]
+                row[mode]["cpu_us_" + who] = median(us)
         row["failed_runs"] = failed
         d, s = row["direct"]["rps"], row["shadow"]["rps"]
         row["ratio"] = round(s / d, 3) if d and s else None
@@ -684,6 +685,9 @@ def format_table(res):
                 also = "IOPS %s -> %s" % (_fmt(row["direct"]["rps"]), _fmt(row["shadow"]["rps"]))
             else:
                 also = "MB/s %s -> %s" % (_fmt(_mb(row["direct"]), 1), _fmt(_mb(row["shadow"]), 1))
+            cpu = s.get("cpu_us_svq") if s else None
+            if cpu is not None:
+                also += "; CPU us/req: driver %s, svq %s" % (_fmt(s.get("cpu_us_driver")), _fmt(cpu))
             flags = []
             if row.get("failed_runs"):
                 flags.append("%d failed runs" % row["failed_runs"])
@@ -874,8 +878,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="bench.py", description="svq.py benchmarks")
     sub = p.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="all benchmarks (default)")
-    r.add_argument("--rounds", type=int, default=5, help="device rounds (default 5)")
-    r.add_argument("--seconds", type=float, default=1.0, help="seconds per device run (default 1)")
+    r.add_argument("--rounds", type=int, default=7, help="device rounds (default 7)")
+    r.add_argument("--seconds", type=float, default=2.0, help="seconds per device run (default 2)")
     r.add_argument("--copier-seconds", type=float, default=0.25)
     r.add_argument("--only", help="device cases whose id starts with one of these (comma list)")
     r.add_argument("--no-vm", action="store_true", help="host benchmarks only")
@@ -884,8 +888,8 @@ def build_parser():
     r.add_argument("--svq", metavar="FILE", help="copier: benchmark this svq.py instead (device "
                    "runs always use ./svq.py)")
     v = sub.add_parser("vm", help="(inside the VM) device benchmarks")
-    v.add_argument("--rounds", type=int, default=5)
-    v.add_argument("--seconds", type=float, default=1.0)
+    v.add_argument("--rounds", type=int, default=7)
+    v.add_argument("--seconds", type=float, default=2.0)
     v.add_argument("--only")
     v.add_argument("--out", required=True)
     t = sub.add_parser("table", help="print a results file")

@@ -1289,7 +1289,8 @@ class ShadowVirtqueue:
         self.smask = snum - 1
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
         # Mirrored layout.  A chain is a tuple (mask, count, wlen, wgpa, w1len,
-        # w2gpa): the bit mask of its slots, then as desc_* above.  _busy is
+        # w2gpa, pieces): the bit mask of its slots, then as desc_* above, and
+        # when wgpa is -1 its writable buffers as (gpa, len) pairs.  _busy is
         # the mask of the slots in flight; desc_chain, per head in flight, its
         # chain; _chains, per head, the chain walked from _snap (None: not
         # walked since the table changed).
@@ -1503,7 +1504,7 @@ class ShadowVirtqueue:
         boundary).  `idx` is its avail index, for errors; `busy` the slots
         in flight, which are never rewritten."""
         snap, num, unpack_desc, pack_desc = self._snap, self.num, _DESC.unpack_from, _DESC.pack_into
-        sdesc, slot_gpa, slot_len, slot_next = self.shadow.desc, self.desc_gpa, self.desc_len, self.desc_next
+        sdesc = self.shadow.desc
         hint_gpa, hint_end, hint_delta = self._hint
         mask = count = wlen = wend = w2end = 0
         wgpa = w2gpa = -2
@@ -1551,23 +1552,27 @@ class ShadowVirtqueue:
                     else:
                         wgpa = -1           # a third run: log slot by slot
                 wlen += length
-                slot_gpa[i] = addr
             elif seen_write:
                 self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
                            % head)
-            else:
-                slot_gpa[i] = -1
-            slot_len[i] = length
             count += 1
             if flags & VRING_DESC_F_NEXT:
                 pack_desc(sdesc, i << 4, addr + hint_delta, length, write | VRING_DESC_F_NEXT, nxt)
-                slot_next[i] = nxt
                 i = nxt
             else:
                 pack_desc(sdesc, i << 4, addr + hint_delta, length, write, 0)
                 break
+        pieces = None
+        if wgpa == -1:
+            # Three or more writable runs (rare): keep each writable buffer.
+            pieces, i = [], head
+            for _ in range(count):
+                addr, length, flags, i = unpack_desc(snap, i << 4)
+                if flags & VRING_DESC_F_WRITE:
+                    pieces.append((addr, length))
+            pieces = tuple(pieces)
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa)
+        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces)
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -1657,7 +1662,7 @@ class ShadowVirtqueue:
                             mark(wgpa, chain[4])
                             mark(chain[5], length - chain[4])
                     else:
-                        self._log_scattered(sid, length, chain[1])
+                        self._log_pieces(chain[6], length)
                 busy ^= chain[0]
                 desc_chain[sid] = None
                 nfree += chain[1]
@@ -1816,6 +1821,15 @@ class ShadowVirtqueue:
             self.last_used_idx, self.guest_used_idx = last_used, gidx
             self.free_head, self.num_free, self.in_flight = free_head, num_free, in_flight
 
+    def _log_pieces(self, pieces, length):
+        """Log `length` written bytes over writable (gpa, len) buffers, in order."""
+        for gpa, n in pieces:
+            n = min(length, n)
+            self.log.mark(gpa, n)
+            length -= n
+            if not length:
+                return
+
     def _log_scattered(self, sid, length, count):
         """Log `length` written bytes over a chain's writable descriptors, in order."""
         slot = sid
@@ -1971,6 +1985,7 @@ class DriverVirtqueue:
             raise SvqError("driver ring vq %d outside guest memory" % index)
         view[:] = bytes(total)
         self.ring = SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
+        self.desc64 = self.ring.desc.cast("Q")
         self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1) and indirect_gpa is not None
         self.indirect_gpa, self.indirect_max = indirect_gpa, indirect_max
@@ -2019,12 +2034,17 @@ class DriverVirtqueue:
                             VRING_DESC_F_INDIRECT, 0)
             slot = self.desc_next[head]
         else:
+            # Two 64-bit stores per descriptor, as a kernel driver's field
+            # stores: rewriting a descriptor with the values it holds changes
+            # nothing a reader can see (pack_into would zero it first).
+            desc64 = self.desc64
             slot = head
             for i, (gpa, length, write) in enumerate(bufs):
                 nxt = slot + 1 if self.fixed else self.desc_next[slot]
                 last = i + 1 == n
                 flags = (VRING_DESC_F_WRITE if write else 0) | (0 if last else VRING_DESC_F_NEXT)
-                _DESC.pack_into(desc, slot * 16, gpa, length, flags, 0 if last and self.fixed else nxt)
+                desc64[2 * slot] = gpa
+                desc64[2 * slot + 1] = length | flags << 32 | (0 if last and self.fixed else nxt) << 48
                 slot = nxt
         if not self.fixed:
             self.free_head = slot
@@ -2076,6 +2096,7 @@ class DriverVirtqueue:
     def release(self):
         """Let go of guest memory (before it is unmapped)."""
         if self.ring is not None:
+            self.desc64.release()
             self.ring.release()
             self.ring = None
         if self.indirect:
@@ -2523,6 +2544,7 @@ class BuiltinRun:
         self.guest_pid = None
         self.driver_kicks = 0
         self.elapsed = 0.0
+        self.driver_cpu = self.svq_cpu = None   # CPU seconds of each process
         self.svq_stats = SvqStats()
         self.run_id = int.from_bytes(os.urandom(4), "little")
         try:
@@ -2654,8 +2676,10 @@ class BuiltinRun:
                 os._exit(code)
         os.close(wfd)
         self.guest_pid = pid
+        cpu0 = time.process_time()
         try:
             self._host_process(rfd, pid)
+            self.svq_cpu = time.process_time() - cpu0
         finally:
             os.close(rfd)
             if self.guest_pid:
@@ -2713,6 +2737,7 @@ class BuiltinRun:
             self.elapsed = 0.0
             return
         self.elapsed = res.pop("elapsed")
+        self.driver_cpu = res.pop("cpu")
         self.driver_kicks = res.pop("driver_kicks")
         st.latency.counts = res.pop("latency")
         st.latency.n = sum(st.latency.counts)
@@ -2775,6 +2800,7 @@ class BuiltinRun:
                "errors": st.errors, "error_lines": st.error_lines,
                "latency": st.latency.counts,
                "driver_kicks": sum(q.kicks for q in drv.queues),
+               "cpu": time.process_time(),
                "driver": {k: getattr(drv, k) for k in drv.RESULT_FIELDS}}
         data = json.dumps(res).encode()
         while data:
@@ -2826,6 +2852,8 @@ class BuiltinRun:
             "kicks": kicks, "calls": calls, "parked": s.parked,
             "layout": None if self.direct else ["mirrored" if q.mirror else "copied" for q in self.svqs],
             "chain_walks": None if self.direct else s.walks,
+            "cpu_seconds": {"driver": _round(self.driver_cpu, 3),
+                            "svq": None if self.direct else _round(self.svq_cpu, 3)},
             "queue_size": self.driver.num,
             "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
             "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
@@ -3895,6 +3923,10 @@ def _progress_line(run):
     sys.stderr.flush()
 
 
+def _round(x, digits):
+    return None if x is None else round(x, digits)
+
+
 def format_summary(s):
     lines = ["%s: virtio-%s, %s mode, queue size %d" % (s["device"], s["type"], s["mode"], s["queue_size"]),
              "  %d requests, %.1f MB in %.2f s: %.0f req/s, %.1f Mbit/s" % (
@@ -3912,6 +3944,12 @@ def format_summary(s):
     if "blk_id" in s:
         lines.append("  blk id %r, %s, %d-byte requests" % (
             s["blk_id"], "write+verify" if s["write"] else "read-only", s["request_size"]))
+    cpu = s["cpu_seconds"]
+    if cpu["driver"] is not None:
+        per = 1e6 / max(s["requests"], 1)
+        lines.append("  CPU: driver %.2f s (%.1f us/request)%s" % (
+            cpu["driver"], cpu["driver"] * per,
+            "" if cpu["svq"] is None else ", svq %.2f s (%.1f us/request)" % (cpu["svq"], cpu["svq"] * per)))
     lines.append("  integrity errors %d" % s["errors"])
     lines += ["    " + m for m in s["error_messages"]]
     return "\n".join(lines)
