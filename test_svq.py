@@ -466,6 +466,41 @@ def test_svq_mirrors_chains_and_reuses_them_while_the_table_is_unchanged(rig):
     assert 0x113 in r.log.pages() and r.svq.num_free == 8 and r.svq.in_flight == 0
 
 
+def test_svq_mirrored_logs_three_writable_runs_in_order(rig):
+    r = rig()
+    bufs = [(0x101000, 16, False), (0x102ff0, 0x20, True), (0x105000, 0x10, True),
+            (0x107000, 0x1000, True)]
+    for rnd in range(2):            # walked, then cached
+        r.guest_add(bufs, rnd)
+        r.svq.handle_guest_kick()
+        (head,) = r.device_pop()
+        r.pending.clear()
+        r.log.clear()
+        r.device_push(head, 0x20 + 0x10 + 1)    # up to the first byte of the third run
+        r.svq.handle_device_call()
+        assert r.drv.get_used() == (rnd, 0x31)
+        assert r.log.pages() == sorted({0x102, 0x103, 0x105, 0x107, r.drv.used_gpa >> 12})
+    assert r.svq.stats.walks == 1 and r.svq.mirror
+
+
+def test_fixed_driver_queue_keeps_descriptors_and_waits_for_its_slot(rig):
+    r = rig()
+    mem, ring = r.mem, r.drv.ring
+    q = svq.DriverVirtqueue(0, mem, 8, Rig.R0 + 0x4000, 0, r.fds[0], r.fds[1], fixed=True)
+    try:
+        assert q.add([(0x101000, 8, False), (0x102000, 8, True)], "a", at=4)
+        assert not q.add([(0x103000, 8, True)], "b", at=4)     # still in flight
+        assert q.add([(0x103000, 8, True)], "c", at=6)
+        d = [struct.unpack_from("<QIHH", q.ring.desc, i * 16) for i in (4, 5, 6)]
+        assert d == [(0x101000, 8, svq.VRING_DESC_F_NEXT, 5), (0x102000, 8, svq.VRING_DESC_F_WRITE, 0),
+                     (0x103000, 8, svq.VRING_DESC_F_WRITE, 0)]
+        assert q.num_free == 5 and list(q.ring.avail16[2:4]) == [4, 6]
+        with pytest.raises(svq.SvqError, match="fixed driver queue"):
+            q.add([(0x103000, 8, True)] * 2, "d", at=7)
+    finally:
+        q.release()
+
+
 def test_svq_moves_to_the_copied_layout_once_nothing_is_in_flight(rig):
     r = rig()
     r.guest_add([(0x101000, 64, True)], "a")
@@ -874,18 +909,24 @@ def test_info_decodes_all_devices():
 
 
 @pytest.mark.vdpa
-@pytest.mark.parametrize("mode", ["shadow", "direct"])
+@pytest.mark.parametrize("mode", ["shadow", "shadow-straddle", "direct"])
 @pytest.mark.parametrize("var", ["SVQ_NET_DEV", "SVQ_BLK_DEV", "SVQ_VDUSE_DEV"])
 def test_traffic_is_clean(var, mode):
-    args = [device(var), "--seconds", "2"] + (["--direct"] if mode == "direct" else [])
+    args = [device(var), "--seconds", "2"] + {"shadow": [], "direct": ["--direct"],
+                                              "shadow-straddle": ["--straddle"]}[mode]
     if var != "SVQ_NET_DEV":
         args.append("--write")
     s = json_run(*args)
     assert s["errors"] == 0, s["error_messages"]
-    assert s["requests"] > 200 and s["mode"] == mode
+    assert s["requests"] > 200 and s["mode"] == mode.split("-")[0]
     assert s["type"] == ("net" if var == "SVQ_NET_DEV" else "blk")
-    if mode == "shadow":
+    if mode != "direct":
         assert s["dirty_pages"] > 0 and s["kicks"]["device"] > 0 and s["calls"]["device"] > 0
+        # Fixed descriptors are mirrored; a buffer across the two memory
+        # regions (queue 0's) needs two shadow descriptors: copied layout.
+        assert s["layout"][0] == ("copied" if mode == "shadow-straddle" else "mirrored")
+        assert set(s["layout"][1:]) <= {"mirrored"}
+        assert s["cpu_seconds"]["svq"] > 0
     assert device_status(device(var)) == ["RESET"]
 
 
