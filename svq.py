@@ -315,6 +315,9 @@ _DESC = struct.Struct("<QIHH")      # struct vring_desc {addr, len, flags, next}
 _USED_ELEM = struct.Struct("<II")   # struct vring_used_elem {id, len}
 _U16 = struct.Struct("<H")
 _U64 = struct.Struct("<Q")
+# A descriptor's second 64-bit word (len | flags << 32 | next << 48) with
+# every flag but NEXT and WRITE cleared.
+_DESC_KEEP = 0xffff0003ffffffff
 _EVENTFD_ONE = _U64.pack(1)
 
 PAGE_SIZE = 4096
@@ -1165,13 +1168,14 @@ class SplitRing:
             raise SvqError("virtio 1.x rings are little-endian; this host is not")
         self.avail16 = avail.cast("H")         # flags, idx, ring[num], used_event
         self.used16 = used.cast("H")           # flags, idx, ring[num] (8 bytes each), avail_event
+        self.desc64 = desc.cast("Q")           # per descriptor: addr, then len|flags<<32|next<<48
         self.used_event_i = 2 + num            # word of used_event in avail
         self.avail_event_i = 2 + 4 * num       # word of avail_event in used
 
     def release(self):
         """Release the views (the 16-bit casts first: they pin their bases),
         so that the memory under them can be unmapped."""
-        for view in (self.avail16, self.used16, self.desc, self.avail, self.used):
+        for view in (self.avail16, self.used16, self.desc64, self.desc, self.avail, self.used):
             view.release()
 
     @staticmethod
@@ -1297,6 +1301,7 @@ class ShadowVirtqueue:
         self.mirror = mirror
         self._switch_pending = False
         self._snap = b""
+        self._snap64 = None
         self._chains = [None] * self.num
         self._no_chains = [None] * self.num
         self.desc_chain = [None] * snum
@@ -1503,8 +1508,7 @@ class ShadowVirtqueue:
         when the chain cannot be mirrored (indirect, or split by a region
         boundary).  `idx` is its avail index, for errors; `busy` the slots
         in flight, which are never rewritten."""
-        snap, num, unpack_desc, pack_desc = self._snap, self.num, _DESC.unpack_from, _DESC.pack_into
-        sdesc = self.shadow.desc
+        snap, num, sdesc = self._snap64, self.num, self.shadow.desc64
         hint_gpa, hint_end, hint_delta = self._hint
         mask = count = wlen = wend = w2end = 0
         wgpa = w2gpa = -2
@@ -1517,7 +1521,10 @@ class ShadowVirtqueue:
             if mask & bit:
                 self._fail("guest", idx, "descriptor chain from head %d loops" % head)
             mask |= bit
-            addr, length, flags, nxt = unpack_desc(snap, i << 4)
+            addr = snap[2 * i]
+            word = snap[2 * i + 1]          # len | flags << 32 | next << 48
+            length = word & 0xffffffff
+            flags = word >> 32 & 0xffff
             if flags & VRING_DESC_F_INDIRECT:
                 if not self.guest_indirect:
                     self._fail("guest", idx, "indirect descriptor not negotiated (head %d)" % head)
@@ -1556,18 +1563,19 @@ class ShadowVirtqueue:
                 self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
                            % head)
             count += 1
-            if flags & VRING_DESC_F_NEXT:
-                pack_desc(sdesc, i << 4, addr + hint_delta, length, write | VRING_DESC_F_NEXT, nxt)
-                i = nxt
-            else:
-                pack_desc(sdesc, i << 4, addr + hint_delta, length, write, 0)
+            # The same descriptor, translated: the guest's length and next,
+            # its NEXT and WRITE flags (a last one's next is never read).
+            sdesc[2 * i] = addr + hint_delta
+            sdesc[2 * i + 1] = word & _DESC_KEEP
+            if not flags & VRING_DESC_F_NEXT:
                 break
+            i = word >> 48
         pieces = None
         if wgpa == -1:
             # Three or more writable runs (rare): keep each writable buffer.
             pieces, i = [], head
             for _ in range(count):
-                addr, length, flags, i = unpack_desc(snap, i << 4)
+                addr, length, flags, i = _DESC.unpack_from(self._snap, i << 4)
                 if flags & VRING_DESC_F_WRITE:
                     pieces.append((addr, length))
             pieces = tuple(pieces)
@@ -1588,6 +1596,7 @@ class ShadowVirtqueue:
         if table != self._snap:
             # The guest changed its table: walk chains again from a new copy.
             self._snap = table
+            self._snap64 = memoryview(table).cast("Q")
             self._chains[:] = self._no_chains
         chains, desc_chain, busy = self._chains, self.desc_chain, self._busy
         taken = nfree = 0
@@ -1871,8 +1880,14 @@ class ShadowVirtqueue:
             return
         self.flush()
         # Used entries freed shadow descriptors: resume a parked guest chain.
-        if self.num_free and self.last_avail_idx != self.guest.avail16[1]:
+        if self.avail_pending():
             self.forward_avail()
+
+    def avail_pending(self):
+        """Guest entries not forwarded yet, with room to forward them (not
+        waiting to leave the mirrored layout)."""
+        return (not self._switch_pending and self.num_free > 0
+                and self.last_avail_idx != self.guest.avail16[1])
 
 
 class SvqStats:
@@ -3594,7 +3609,7 @@ class VhostUserConnection:
             if s is None or s.broken is not None:
                 continue
             if (s.shadow.used16[1] != s.last_used_idx
-                    or (s.num_free and s.guest.avail16[1] != s.last_avail_idx)):
+                    or s.avail_pending()):
                 v.polled += 1
                 self._guard(v, s.handle_device_call)()
 
