@@ -1543,6 +1543,7 @@ class ShadowVirtqueue:
                 self._hint = (hint_gpa, hint_end, hint_delta)
             if busy & bit:
                 self._fail("guest", idx, "descriptor %d of head %d is already in flight" % (i, head))
+            # Writable runs as in add(), inline there and here: per descriptor.
             write = flags & VRING_DESC_F_WRITE
             if write:
                 seen_write = True
@@ -1557,7 +1558,7 @@ class ShadowVirtqueue:
                     elif addr == w2end:
                         w2end = end
                     else:
-                        wgpa = -1           # a third run: log slot by slot
+                        wgpa = -1           # a third run: keep the pieces
                 wlen += length
             elif seen_write:
                 self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
