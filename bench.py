@@ -522,9 +522,7 @@ COPIER_CASES = [
 def copier_bench(seconds=0.25, reps=5):
     note("copier benchmark (host, one core)")
     rows = []
-    base = {}
     for chain, batch, notify, variant in COPIER_CASES:
-        key = (chain, batch, notify, variant)
         b = copier_case(chain, batch, shadow=False, notify=notify, seconds=seconds, reps=reps,
                         variant=variant)
         s = copier_case(chain, batch, shadow=True, notify=notify, seconds=seconds, reps=reps,
@@ -535,7 +533,6 @@ def copier_bench(seconds=0.25, reps=5):
         s["svq_cpu_us_per_req"] = s["cpu_us_per_req"] - b["cpu_us_per_req"]
         s["id"] = "%ddesc-b%d%s%s" % (chain, batch, "" if notify else "-polled",
                                       "-" + variant if variant else "")
-        base[key] = b
         rows.append(s)
         note("  %-14s %9.0f round trips/s  %.2f us CPU/req (svq %.2f)  baseline %9.0f/s"
              % (s["id"], s["round_trips_per_s"], s["cpu_us_per_req"],

@@ -1636,7 +1636,7 @@ class ShadowVirtqueue:
         self.mirror = self._switch_pending = False
         self.desc_next[:] = list(range(1, self.snum)) + [0]
         self.free_head, self.num_free = 0, self.snum
-        self._snap = b""
+        self._snap, self._snap64 = b"", None
         self._chains[:] = self._no_chains
 
     def _get_mirrored(self, count):
@@ -2001,7 +2001,6 @@ class DriverVirtqueue:
             raise SvqError("driver ring vq %d outside guest memory" % index)
         view[:] = bytes(total)
         self.ring = SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
-        self.desc64 = self.ring.desc.cast("Q")
         self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1) and indirect_gpa is not None
         self.indirect_gpa, self.indirect_max = indirect_gpa, indirect_max
@@ -2053,7 +2052,7 @@ class DriverVirtqueue:
             # Two 64-bit stores per descriptor, as a kernel driver's field
             # stores: rewriting a descriptor with the values it holds changes
             # nothing a reader can see (pack_into would zero it first).
-            desc64 = self.desc64
+            desc64 = self.ring.desc64
             slot = head
             for i, (gpa, length, write) in enumerate(bufs):
                 nxt = slot + 1 if self.fixed else self.desc_next[slot]
@@ -2112,7 +2111,6 @@ class DriverVirtqueue:
     def release(self):
         """Let go of guest memory (before it is unmapped)."""
         if self.ring is not None:
-            self.desc64.release()
             self.ring.release()
             self.ring = None
         if self.indirect:
