@@ -1532,13 +1532,15 @@ class ShadowVirtqueue:
             end = addr + length
             if not (hint_gpa <= addr and end <= hint_end):
                 r = self.mem.region(addr)
-                if r is None or r.iova is None or self.mem.region(end - 1) is None:
+                if r is not None and r.iova is not None and end > r.end:
                     if end > 0xffffffffffffffff:
                         self._fail("guest", idx, "descriptor length overflows")
+                    if self.mem.region(end - 1) is not None:
+                        return None         # two shadow descriptors: copy it
+                    r = None
+                if r is None or r.iova is None:
                     self._fail("guest", idx, "buffer [%#x, +%#x) outside guest memory (head %d)"
                                % (addr, length, head))
-                if end > r.end:
-                    return None             # two shadow descriptors: copy it
                 hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
                 self._hint = (hint_gpa, hint_end, hint_delta)
             if busy & bit:

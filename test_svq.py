@@ -466,6 +466,20 @@ def test_svq_mirrors_chains_and_reuses_them_while_the_table_is_unchanged(rig):
     assert 0x113 in r.log.pages() and r.svq.num_free == 8 and r.svq.in_flight == 0
 
 
+def test_svq_mirrors_a_zero_length_buffer_at_the_start_of_memory(rig):
+    # No byte of it lies outside memory: mirrored like any other (the copied
+    # layout takes it too), not refused because the byte before it is.
+    r = rig()
+    r.guest_add([(Rig.R0, 0, False), (0x101000, 8, True)], "z")
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    assert r.svq.mirror and r.shadow_chain(head) == [
+        (Rig.R0 + IOVA_OFFSET, 0, 0), (0x101000 + IOVA_OFFSET, 8, svq.VRING_DESC_F_WRITE)]
+    r.device_push(head, 8)
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("z", 8)
+
+
 def test_svq_mirrored_logs_three_writable_runs_in_order(rig):
     r = rig()
     bufs = [(0x101000, 16, False), (0x102ff0, 0x20, True), (0x105000, 0x10, True),
