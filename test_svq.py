@@ -1710,16 +1710,13 @@ def test_signal_stops_builtin_run_cleanly(sig):
     assert op.made[0].status == 0 and op.made[0].maps == []
 
 
+@pytest.mark.parametrize("whole", [False, True], ids=["partial", "whole"])
 @pytest.mark.parametrize("runs", [1, 2, 3])
-def test_dirty_log_covers_exactly_the_written_bytes(rig, runs):
+def test_dirty_log_covers_exactly_the_written_bytes(rig, runs, whole):
     r = rig()
     bufs = [(0x101000, 16, False)] + [(0x102000 + k * 0x3000, 0x1800, True) for k in range(runs)]
-    r.guest_add(bufs)
-    r.svq.handle_guest_kick()
-    (head,) = r.device_pop()
-    written = 0x1800 * (runs - 1) + 0x10        # into the last run by 16 bytes
-    r.device_push(head, written)
-    r.svq.handle_device_call()
+    # A whole write takes the chain's cached log bits; a partial one mark().
+    written = 0x1800 * runs if whole else 0x1800 * (runs - 1) + 0x10
     want = set()
     left = written
     for gpa, n, w in bufs[1:]:
@@ -1727,4 +1724,33 @@ def test_dirty_log_covers_exactly_the_written_bytes(rig, runs):
         want.update(range(gpa >> 12, (gpa + k - 1 >> 12) + 1))
         left -= k
     used_page = r.drv.used_gpa >> 12
-    assert set(r.log.pages()) == want | {used_page}
+    for rnd in range(2):                        # walked, then cached
+        r.log.clear()
+        r.guest_add(bufs, rnd)
+        r.svq.handle_guest_kick()
+        (head,) = r.device_pop()
+        r.pending.clear()
+        r.device_push(head, written)
+        r.svq.handle_device_call()
+        assert r.drv.get_used() == (rnd, written)
+        assert set(r.log.pages()) == want | {used_page}
+    assert r.svq.stats.walks == 1
+
+
+def test_log_bits_cover_the_pages_of_each_run():
+    assert svq.log_bits([(0x1fff, 2), (0x5000, 0x1000), (0x9000, 0)]) == ((0, 0x26),)
+    assert svq.log_bits([(0x7000, 0x2000)]) == ((0, 0x80), (1, 0x01))
+    assert svq.log_bits([]) is None and svq.log_bits([(0, 0)]) is None
+    assert svq.log_bits([(0, 65 << 12)]) is None         # too many pages to cache
+
+
+def test_mirrored_whole_write_beyond_a_short_log_is_clamped(rig):
+    r = rig()
+    r.svq.log = log = svq.DirtyLog(0x108)       # pages 0..0x107: 33 bytes
+    r.svq.log_used_gpa = None
+    r.guest_add([(0x107000, 0x2000, True)])     # pages 0x107 and 0x108
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    r.device_push(head, 0x2000)
+    r.svq.handle_device_call()
+    assert len(log.buf) == 33 and log.pages() == [0x107]
