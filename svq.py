@@ -1145,23 +1145,6 @@ class DirtyLog:
         self.buf[:] = bytes(len(self.buf))
 
 
-
-def log_bits(runs, max_pages=64):
-    """The dirty-log bytes and bits that cover the (gpa, length) runs, as a
-    tuple of (byte index, bit mask) in byte order; None beyond `max_pages`
-    pages (or for nothing).  A chain caches it, so a whole write is logged
-    with one |= per byte instead of a mark() per run."""
-    bits = {}
-    for gpa, length in runs:
-        if length <= 0:
-            continue
-        first, last = gpa >> PAGE_SHIFT, (gpa + length - 1) >> PAGE_SHIFT
-        if last - first >= max_pages:
-            return None
-        for page in range(first, last + 1):
-            bits[page >> 3] = bits.get(page >> 3, 0) | 1 << (page & 7)
-    return tuple(sorted(bits.items())) or None
-
 # ============================================================================
 # Split ring memory
 # ============================================================================
@@ -1310,9 +1293,8 @@ class ShadowVirtqueue:
         self.smask = snum - 1
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
         # Mirrored layout.  A chain is a tuple (mask, count, wlen, wgpa, w1len,
-        # w2gpa, pieces, logbits): the bit mask of its slots, then as desc_*
-        # above, when wgpa is -1 its writable buffers as (gpa, len) pairs, and
-        # the dirty-log bits of its whole writable part (log_bits()).  _busy is
+        # w2gpa, pieces): the bit mask of its slots, then as desc_* above, and
+        # when wgpa is -1 its writable buffers as (gpa, len) pairs.  _busy is
         # the mask of the slots in flight; desc_chain, per head in flight, its
         # chain; _chains, per head, the chain walked from _snap (None: not
         # walked since the table changed).
@@ -1600,13 +1582,8 @@ class ShadowVirtqueue:
                 if flags & VRING_DESC_F_WRITE:
                     pieces.append((addr, length))
             pieces = tuple(pieces)
-        if wgpa >= 0:
-            runs = ((wgpa, wend - wgpa), (w2gpa, w2end - w2gpa) if w2gpa >= 0 else (0, 0))
-        else:
-            runs = pieces or ()             # -1: the pieces; -2: nothing writable
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces,
-                                      log_bits(runs))
+        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces)
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -1672,7 +1649,6 @@ class ShadowVirtqueue:
         desc_chain, smask, log = self.desc_chain, self.smask, self.log
         if log is not None:
             logbuf, loglimit, mark = log.buf, log.limit, log.mark
-            logbytes = len(logbuf)
         busy = self._busy
         k = nfree = 0
         ents = memoryview(raw).cast("I")
@@ -1687,21 +1663,22 @@ class ShadowVirtqueue:
                                "used length %d beyond the %d writable bytes" % (length, chain[2]))
                 if log is not None and length:
                     wgpa = chain[3]
-                    bits = chain[7]
-                    if length == chain[2] and bits is not None and bits[-1][0] < logbytes:
-                        # The whole writable part (the usual case): cached bits.
-                        for i, b in bits:
-                            logbuf[i] |= b
-                    elif wgpa >= 0:
-                        if length <= chain[4]:
+                    if wgpa >= 0:
+                        # One or two runs (a blk read: data, then status),
+                        # each set inline when it stays within a page.
+                        n = length if length <= chain[4] else chain[4]
+                        page = wgpa >> PAGE_SHIFT
+                        if (wgpa + n - 1) >> PAGE_SHIFT == page and page < loglimit:
+                            logbuf[page >> 3] |= 1 << (page & 7)
+                        else:
+                            mark(wgpa, n)
+                        if length > n:
+                            wgpa, n = chain[5], length - n
                             page = wgpa >> PAGE_SHIFT
-                            if (wgpa + length - 1) >> PAGE_SHIFT == page and page < loglimit:
+                            if (wgpa + n - 1) >> PAGE_SHIFT == page and page < loglimit:
                                 logbuf[page >> 3] |= 1 << (page & 7)
                             else:
-                                mark(wgpa, length)
-                        else:
-                            mark(wgpa, chain[4])
-                            mark(chain[5], length - chain[4])
+                                mark(wgpa, n)
                     else:
                         self._log_pieces(chain[6], length)
                 busy ^= chain[0]

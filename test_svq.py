@@ -1715,7 +1715,6 @@ def test_signal_stops_builtin_run_cleanly(sig):
 def test_dirty_log_covers_exactly_the_written_bytes(rig, runs, whole):
     r = rig()
     bufs = [(0x101000, 16, False)] + [(0x102000 + k * 0x3000, 0x1800, True) for k in range(runs)]
-    # A whole write takes the chain's cached log bits; a partial one mark().
     written = 0x1800 * runs if whole else 0x1800 * (runs - 1) + 0x10
     want = set()
     left = written
@@ -1735,13 +1734,6 @@ def test_dirty_log_covers_exactly_the_written_bytes(rig, runs, whole):
         assert r.drv.get_used() == (rnd, written)
         assert set(r.log.pages()) == want | {used_page}
     assert r.svq.stats.walks == 1
-
-
-def test_log_bits_cover_the_pages_of_each_run():
-    assert svq.log_bits([(0x1fff, 2), (0x5000, 0x1000), (0x9000, 0)]) == ((0, 0x26),)
-    assert svq.log_bits([(0x7000, 0x2000)]) == ((0, 0x80), (1, 0x01))
-    assert svq.log_bits([]) is None and svq.log_bits([(0, 0)]) is None
-    assert svq.log_bits([(0, 65 << 12)]) is None         # too many pages to cache
 
 
 def test_mirrored_whole_write_beyond_a_short_log_is_clamped(rig):
