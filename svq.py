@@ -1336,33 +1336,27 @@ class ShadowVirtqueue:
             self.guest.used16[0] = VRING_USED_F_NO_NOTIFY
             self._log_used_field(0)
 
-    def _guest_enable_kicks(self):
-        """Re-arm guest kicks; True if the avail ring is still empty."""
+    def _guest_arm_kicks(self):
+        """Re-arm guest kicks (the caller issues the full barrier before it
+        reads the avail index again)."""
         if self.guest_event_idx:
             self.guest.used16[self.guest.avail_event_i] = self.last_avail_idx
             self._log_used_field(self.guest.avail_event_i)
         else:
             self.guest.used16[0] = 0
             self._log_used_field(0)
-        # Full barrier: the flag/event store above must be visible before we
-        # load the avail index again, or a guest that read the old flag and
-        # skipped its kick would strand a buffer (store-load, not TSO-ordered).
-        smp_mb()
-        return self.guest.avail16[1] == self.last_avail_idx
 
     def _device_disable_calls(self):
         if not self.device_event_idx:
             self.shadow.avail16[0] = VRING_AVAIL_F_NO_INTERRUPT
 
-    def _device_enable_calls(self):
-        """Re-arm device calls; True if no used entry is pending."""
+    def _device_arm_calls(self):
+        """Re-arm device calls (the caller issues the full barrier before it
+        reads the used index again)."""
         if self.device_event_idx:
             self.shadow.avail16[self.shadow.used_event_i] = self.last_used_idx
         else:
             self.shadow.avail16[0] = 0
-        # Full barrier: publish the flag before re-reading used idx (store-load).
-        smp_mb()
-        return self.shadow.used16[1] == self.last_used_idx
 
     def _fail(self, side, idx, what):
         err = RingError(side, self.index, idx, what)
@@ -1694,12 +1688,14 @@ class ShadowVirtqueue:
         self.guest_used_idx = (self.guest_used_idx + count) & 0xffff
 
     def forward_avail(self):
-        """Drain the guest avail ring into the shadow ring; True if anything was
-        added.  Stops early (parks) when the shadow ring is full, or while the
-        queue waits to leave the mirrored layout."""
+        """Drain the guest avail ring into the shadow ring (again while the
+        guest adds entries meanwhile), then kick the device once, unless it
+        suppressed that.  True if anything was added.  Stops early (parks)
+        when the shadow ring is full, or while the queue waits to leave the
+        mirrored layout."""
         if self._switch_pending:
             return False
-        added = 0
+        start = self.shadow_avail_idx
         avail16 = self.guest.avail16
         mask = self.num - 1
         while True:
@@ -1711,40 +1707,49 @@ class ShadowVirtqueue:
             if pending > self.num:
                 self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
                            % (pending, self.num))
+            parked = False
             while self.last_avail_idx != avail_idx:
                 if self.mirror:
-                    added += self._add_mirrored(avail_idx)
+                    self._add_mirrored(avail_idx)
                     if self._switch_pending:
-                        self.stats.parked += 1
-                        return self._publish_avail(added)
+                        parked = True
+                        break
                     continue
                 head = avail16[2 + (self.last_avail_idx & mask)]
                 if head >= self.num:
                     self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
                 if not self.add(head):
-                    self.stats.parked += 1
-                    return self._publish_avail(added)
+                    parked = True
+                    break
                 self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
-                added += 1
-            if self._guest_enable_kicks():
+            # Write barrier: descriptors and avail entries before the avail
+            # index.
+            smp_wmb()
+            self.shadow.avail16[1] = self.shadow_avail_idx
+            if parked:
+                # Guest kicks stay off: the device's used entries resume us.
+                self.stats.parked += 1
+                smp_mb()            # as kick(): avail index before NO_NOTIFY
                 break
-        return self._publish_avail(added)
-
-    def _publish_avail(self, added):
-        if not added:
+            self._guest_arm_kicks()
+            # Full barrier, for two store-load pairs at once: the shadow avail
+            # index before the device's NO_NOTIFY/avail_event (read below,
+            # to decide on the kick), and the re-armed guest kicks before the
+            # guest avail index (a guest that read the old flag and skipped
+            # its kick would strand a buffer).
+            smp_mb()
+            if avail16[1] == self.last_avail_idx:
+                break
+        if self.shadow_avail_idx == start:
             return False
-        old = (self.shadow_avail_idx - added) & 0xffff
-        # Write barrier: descriptors and avail entries before the avail index.
-        smp_wmb()
-        self.shadow.avail16[1] = self.shadow_avail_idx
-        self.kick(old)
+        self.kick(start)
         return True
 
     def kick(self, old_idx):
-        """Notify the device unless it asked not to be (NO_NOTIFY/avail_event)."""
-        # Full barrier: the avail index store must be visible before we read
-        # the device's suppression flag, or we could skip a needed kick.
-        smp_mb()
+        """Notify the device of the avail entries from `old_idx` unless it
+        asked not to be (NO_NOTIFY/avail_event).  The caller has published
+        them and issued a full barrier after: else we could read a stale
+        suppression flag and skip a needed kick."""
         if vring_wants_notify(self.shadow.used16, self.device_event_idx, self.shadow.avail_event_i,
                               VRING_USED_F_NO_NOTIFY, self.shadow_avail_idx, old_idx):
             os.write(self.device_kick_fd, _EVENTFD_ONE)
@@ -1758,13 +1763,14 @@ class ShadowVirtqueue:
 
     # -- device -> guest --
     def flush(self):
-        """Move every used entry the device produced into the guest used ring,
-        log what the device wrote, then notify the guest once.  Returns how
-        many entries were moved."""
+        """Move every used entry the device produced into the guest used ring
+        (again while the device adds entries meanwhile), log what the device
+        wrote, then call the guest once, unless it suppressed that.  Returns
+        how many entries were moved."""
         sused16 = self.shadow.used16
-        old_used = self.guest_used_idx
+        start = self.guest_used_idx
+        self._device_disable_calls()
         while True:
-            self._device_disable_calls()
             used_idx = sused16[1]
             # Read barrier: the used index before the entries it publishes.
             smp_rmb()
@@ -1773,22 +1779,32 @@ class ShadowVirtqueue:
                 self._fail("device", used_idx, "used index moved by %d with %d requests in flight"
                            % (count, self.in_flight))
             if count:
+                old_used = self.guest_used_idx
                 if self.mirror:
                     self._get_mirrored(count)
                 else:
                     self._get_copied(used_idx)
-            if self._device_enable_calls():
+                if self.log is not None:
+                    self._log_used_ring(old_used, count)
+                # Write barrier: used entries (and their log) before the used
+                # index the guest polls.
+                smp_wmb()
+                self.guest.used16[1] = self.guest_used_idx
+            self._device_arm_calls()
+            # Full barrier, for two store-load pairs at once: the guest used
+            # index before the guest's suppression flag/used_event (read
+            # below, to decide on the call), and the re-armed device calls
+            # before the device's used index (did it add entries while calls
+            # were off?).
+            smp_mb()
+            if sused16[1] == self.last_used_idx:
                 break
+            self._device_disable_calls()
         if self._switch_pending and not self.in_flight:
             self._enter_copy_mode()
-        moved = (self.guest_used_idx - old_used) & 0xffff
+        moved = (self.guest_used_idx - start) & 0xffff
         if moved:
-            if self.log is not None:
-                self._log_used_ring(old_used, moved)
-            # Write barrier: used entries before the used index the guest polls.
-            smp_wmb()
-            self.guest.used16[1] = self.guest_used_idx
-            self.notify_guest(old_used)
+            self._call_guest(start)
         return moved
 
     def _get_copied(self, used_idx):
@@ -1873,10 +1889,10 @@ class ShadowVirtqueue:
             self.log.mark(base + 4, min(count - n, num) * 8)
         self.log.mark(base + 2, 2)
 
-    def notify_guest(self, old_used):
-        # Full barrier: used index store before reading the guest's
-        # suppression flag / used_event (store-load).
-        smp_mb()
+    def _call_guest(self, old_used):
+        """Call the guest for the used entries from `old_used` unless it
+        asked not to be (NO_INTERRUPT/used_event).  The caller has published
+        them and issued a full barrier after."""
         if vring_wants_notify(self.guest.avail16, self.guest_event_idx, self.guest.used_event_i,
                               VRING_AVAIL_F_NO_INTERRUPT, self.guest_used_idx, old_used):
             os.write(self.guest_call_fd, _EVENTFD_ONE)
