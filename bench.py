@@ -562,6 +562,85 @@ def load_svq(path):
     return mod
 
 
+def cmd_timeline(args):
+    """(Inside the VM) Where one round of requests spends its time, direct
+    and shadow: the driver's and svq's handlers are time-stamped, and the
+    rounds (driver handler to driver handler) split into phases."""
+    import svq
+    events = []                         # (start, end, what)
+
+    def stamp(cls, name, what):
+        fn = getattr(cls, name)
+
+        def timed(self, *a):
+            t = time.monotonic()
+            try:
+                return fn(self, *a)
+            finally:
+                events.append((t, time.monotonic(), what))
+        setattr(cls, name, timed)
+    stamp(svq.Driver, "handle_call", "driver")
+    stamp(svq.ShadowVirtqueue, "handle_guest_kick", "kick")
+    stamp(svq.ShadowVirtqueue, "handle_device_call", "call")
+    stamp(svq.ShadowVirtqueue, "_call_guest", "publish")
+    guest_process = svq.BuiltinRun._guest_process
+    child_out = "/tmp/bench-timeline-%d.json" % os.getpid()
+
+    def traced_guest(self, wfd):
+        try:
+            guest_process(self, wfd)
+        finally:                        # the child ends in os._exit: save first
+            with open(child_out, "w") as f:
+                json.dump(events, f)
+    svq.BuiltinRun._guest_process = traced_guest
+    cid, var, label, size, write = [c for c in DEVICE_CASES if c[0] == args.case][0]
+    dev = os.environ.get(var)
+    if not dev:
+        note("%s is not set: run this inside the VM (python3 vm/run python3 bench.py "
+             "timeline)" % var)
+        return 2
+    for direct in (True, False, True, False):
+        del events[:]
+        res = svq_run(dev, args.seconds, size, write, direct)
+        with open(child_out) as f:
+            evs = sorted([tuple(e) for e in json.load(f)] + events)
+        os.unlink(child_out)
+        print("%s %s: %s req/s, CPU us/req %s" % (
+            cid, "direct" if direct else "shadow", res.get("requests_per_second"),
+            {k: round(v * 1e6 / res["requests"], 1) for k, v in (res.get("cpu_seconds") or {}).items()
+             if v is not None}))
+        _print_phases(evs, direct)
+    return 0
+
+
+def _print_phases(evs, direct):
+    """Median microseconds of each phase of a round; a round runs from the end
+    of one driver handler (it has refilled and kicked) to the start of the
+    next (the first completions have reached it)."""
+    drv = [(a, b) for a, b, w in evs if w == "driver"]
+    phases = {}
+
+    def add(name, v):
+        phases.setdefault(name, []).append(v * 1e6)
+    for (s0, e0), (s1, e1) in zip(drv, drv[1:]):
+        add("driver busy (handler)", e0 - s0)
+        add("driver waiting", s1 - e0)
+        if direct:
+            continue
+        inside = [(a, b, w) for a, b, w in evs if e0 <= a < s1 and w != "driver"]
+        kick = next(((a, b) for a, b, w in inside if w == "kick"), None)
+        call = next(((a, b) for a, b, w in inside if w == "call" and kick and a >= kick[1]), None)
+        pub = next((a for a, b, w in inside if w == "publish" and call and a >= call[0]), None)
+        if kick and call and pub is not None:
+            add("  guest kick -> svq wakes", kick[0] - e0)
+            add("  svq forwards the batch", kick[1] - kick[0])
+            add("  device -> first device call", call[0] - kick[1])
+            add("  svq -> first guest publish", pub - call[0])
+            add("  guest publish -> driver runs", s1 - pub)
+    for name, v in phases.items():
+        print("  %-32s %8.0f us  (%d rounds)" % (name, median(v), len(v)))
+
+
 def cmd_profile(args):
     import cProfile
     import pstats
@@ -697,7 +776,9 @@ def format_table(res):
                 also = "MB/s %s -> %s" % (_fmt(_mb(row["direct"]), 1), _fmt(_mb(row["shadow"]), 1))
             cpu = s.get("cpu_us_svq") if s else None
             if cpu is not None:
-                also += "; CPU us/req: driver %s, svq %s" % (_fmt(s.get("cpu_us_driver")), _fmt(cpu))
+                also += "; CPU us/req: driver %s -> %s, svq %s" % (
+                    _fmt(d.get("cpu_us_driver") if d else None), _fmt(s.get("cpu_us_driver")),
+                    _fmt(cpu))
             flags = []
             if row.get("failed_runs"):
                 flags.append("%d failed runs" % row["failed_runs"])
@@ -908,6 +989,10 @@ def build_parser():
     t = sub.add_parser("table", help="print a results file")
     t.add_argument("file")
     t.add_argument("--compare", metavar="OLD.json")
+    m = sub.add_parser("timeline", help="(inside the VM) phases of a round of requests, "
+                       "direct and shadow")
+    m.add_argument("--case", default="blk-4k-read", choices=[c[0] for c in DEVICE_CASES])
+    m.add_argument("--seconds", type=float, default=2.0)
     f = sub.add_parser("profile", help="cProfile of the copier loop")
     f.add_argument("--chain", type=int, default=2)
     f.add_argument("--batch", type=int, default=64)
@@ -923,7 +1008,8 @@ def main(argv=None):
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv.insert(0, "run")
     args = build_parser().parse_args(argv)
-    return {"run": cmd_run, "vm": cmd_vm, "table": cmd_table, "profile": cmd_profile}[args.cmd](args)
+    return {"run": cmd_run, "vm": cmd_vm, "table": cmd_table, "profile": cmd_profile,
+            "timeline": cmd_timeline}[args.cmd](args)
 
 
 if __name__ == "__main__":
