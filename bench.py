@@ -582,7 +582,7 @@ def cmd_timeline(args):
     stamp(svq.Driver, "handle_call", "driver")
     stamp(svq.ShadowVirtqueue, "handle_guest_kick", "kick")
     stamp(svq.ShadowVirtqueue, "handle_device_call", "call")
-    stamp(svq.ShadowVirtqueue, "_call_guest", "publish")
+    stamp(svq.ShadowVirtqueue, "_call_guest", "guest call")
     guest_process = svq.BuiltinRun._guest_process
     child_out = "/tmp/bench-timeline-%d.json" % os.getpid()
 
@@ -630,13 +630,13 @@ def _print_phases(evs, direct):
         inside = [(a, b, w) for a, b, w in evs if e0 <= a < s1 and w != "driver"]
         kick = next(((a, b) for a, b, w in inside if w == "kick"), None)
         call = next(((a, b) for a, b, w in inside if w == "call" and kick and a >= kick[1]), None)
-        pub = next((a for a, b, w in inside if w == "publish" and call and a >= call[0]), None)
+        pub = next((a for a, b, w in inside if w == "guest call" and call and a >= call[0]), None)
         if kick and call and pub is not None:
             add("  guest kick -> svq wakes", kick[0] - e0)
-            add("  svq forwards the batch", kick[1] - kick[0])
+            add("  svq forwards, kicks device", kick[1] - kick[0])
             add("  device -> first device call", call[0] - kick[1])
-            add("  svq -> first guest publish", pub - call[0])
-            add("  guest publish -> driver runs", s1 - pub)
+            add("  svq moves entries, calls guest", pub - call[0])
+            add("  guest call -> driver runs", s1 - pub)
     for name, v in phases.items():
         print("  %-32s %8.0f us  (%d rounds)" % (name, median(v), len(v)))
 
