@@ -566,6 +566,12 @@ def cmd_timeline(args):
     """(Inside the VM) Where one round of requests spends its time, direct
     and shadow: the driver's and svq's handlers are time-stamped, and the
     rounds (driver handler to driver handler) split into phases."""
+    cid, var, _, size, write = [c for c in DEVICE_CASES if c[0] == args.case][0]
+    dev = os.environ.get(var)
+    if not dev:
+        note("%s is not set: run this inside the VM (python3 vm/run python3 bench.py "
+             "timeline)" % var)
+        return 2
     import svq
     events = []                         # (start, end, what)
 
@@ -593,15 +599,13 @@ def cmd_timeline(args):
             with open(child_out, "w") as f:
                 json.dump(events, f)
     svq.BuiltinRun._guest_process = traced_guest
-    cid, var, label, size, write = [c for c in DEVICE_CASES if c[0] == args.case][0]
-    dev = os.environ.get(var)
-    if not dev:
-        note("%s is not set: run this inside the VM (python3 vm/run python3 bench.py "
-             "timeline)" % var)
-        return 2
     for direct in (True, False, True, False):
         del events[:]
         res = svq_run(dev, args.seconds, size, write, direct)
+        if "failure" in res or not res.get("requests"):
+            note("%s %s: %s" % (cid, "direct" if direct else "shadow",
+                                res.get("failure") or "no request completed"))
+            return 1
         with open(child_out) as f:
             evs = sorted([tuple(e) for e in json.load(f)] + events)
         os.unlink(child_out)
