@@ -3132,6 +3132,7 @@ class VuVring:
         self.shadow_mem = None
         self.device_fds = ()
         self.polled = 0
+        self.pending_seen = None    # progress marks when poll() last saw work pending
 
     def close_fds(self):
         for name in ("kick", "call", "err"):
@@ -3626,19 +3627,32 @@ class VhostUserConnection:
         return cb
 
     def poll(self):
-        """Safety net, every tick: a queue with work pending and no
-        notification in sight is processed as if it had been notified.
-        Counted and reported when the device stops."""
+        """Safety net, every tick: a queue whose pending work has sat through
+        a whole tick with no progress is processed as if it had been
+        notified. Counted and reported when the device stops.
+
+        Work pending at one tick is normal: the device may have written its
+        used ring and signalled a call that select() has not returned yet, or
+        the guest may be between publishing avail and kicking. Only the same
+        work, still pending a tick later, with no handler run in between, is
+        a lost notification."""
         if self.closed or not self.running:
             return
         for v in self.vrings:
             s = v.svq
             if s is None or s.broken is not None:
                 continue
-            if (s.shadow.used16[1] != s.last_used_idx
-                    or s.avail_pending()):
-                v.polled += 1
-                self._guard(v, s.handle_device_call)()
+            if s.shadow.used16[1] == s.last_used_idx and not s.avail_pending():
+                v.pending_seen = None
+                continue
+            st = s.stats
+            marks = (st.guest_kicks, st.device_calls, s.last_used_idx, s.last_avail_idx)
+            if v.pending_seen != marks:
+                v.pending_seen = marks          # first sighting: give it a tick
+                continue
+            v.pending_seen = None
+            v.polled += 1
+            self._guard(v, s.handle_device_call)()
 
     def _stop_device(self, why):
         """Stop the device and record, per queue, where to restart from."""
@@ -3679,6 +3693,7 @@ class VhostUserConnection:
                         ", %d in flight rewound" % s.in_flight if s.in_flight else "",
                         ", %d stalls recovered by polling" % v.polled if v.polled else "", why))
                 v.polled = 0
+            v.pending_seen = None
             self._teardown_queue(v)
         dev.unmap_all()
         if self.mem is not None:

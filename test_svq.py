@@ -1480,6 +1480,37 @@ def test_blk_stop_and_resume_on_fresh_server(blk_server):
         fe.close()
 
 
+def test_lost_kick_is_recovered_by_the_tick_and_counted_once(tmpdir_short):
+    """A guest that publishes avail and never kicks: the tick's safety net
+    forwards it, but only after the work has sat through a whole tick, and
+    counts it once. A kick that arrives normally is never counted."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = ThreadServer(path, shared_disk_opener())
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake()
+        for slot in range(4):                       # normal traffic: kicked
+            fe.submit(slot, svq.VIRTIO_BLK_T_IN, 8 * slot)
+            fe.vq.kick()
+            assert len(fe.wait(1)) == 1
+        vring = srv.srv.conn.vrings[0]
+        assert vring.polled == 0
+        time.sleep(0.2)                             # svq's pass after the last call ends
+        fe.submit(0, svq.VIRTIO_BLK_T_GET_ID, 0)
+        vq = fe.vq                                  # published, the kick lost
+        vq.kicked_idx = vq.avail_idx
+        vq.ring.avail16[1] = vq.avail_idx
+        start = time.monotonic()
+        assert len(fe.wait(1, timeout=10)) == 1
+        waited = time.monotonic() - start
+        assert vring.polled == 1
+        assert waited >= 0.2, "recovered after %.3f s: sooner than a whole tick" % waited
+    finally:
+        fe.close()
+        srv.stop()
+
+
 # ---------------------------------------------------------------------------
 # Hostile frontends
 # ---------------------------------------------------------------------------
