@@ -1777,3 +1777,31 @@ def test_mirrored_whole_write_beyond_a_short_log_is_clamped(rig):
     r.device_push(head, 0x2000)
     r.svq.handle_device_call()
     assert len(log.buf) == 33 and log.pages() == [0x107]
+
+
+# ============================================================================
+# bench.py: how its ratio is formed
+# ============================================================================
+
+def test_bench_ratio_is_the_median_of_paired_rounds():
+    import bench
+    rates = [(100, 90), (200, 170), (100, 95), (50, 40), (100, None)]   # (direct, shadow)
+    runs = []
+    for rnd, (d, s) in enumerate(rates):
+        runs.append({"case": "blk-4k-read", "mode": "direct", "round": rnd, "requests": d,
+                     "requests_per_second": d, "mbit_per_second": 1.0})
+        if s is None:                       # a failed shadow run leaves its round out
+            runs.append({"case": "blk-4k-read", "mode": "shadow", "round": rnd,
+                         "failure": "device error"})
+        else:
+            runs.append({"case": "blk-4k-read", "mode": "shadow", "round": rnd, "requests": s,
+                         "requests_per_second": s, "mbit_per_second": 1.0})
+    (row,) = bench.summarize_devices({"runs": runs, "rounds": len(rates)})
+    assert row["round_ratios"] == [0.9, 0.85, 0.95, 0.8]
+    assert row["ratio"] == 0.875                            # median of the four pairs
+    assert row["ratio_of_medians"] == round(92.5 / 100, 3)  # medians 100 and 92.5
+    assert row["failed_runs"] == 1
+    assert bench.ratios(row) == (0.875, 0.925)
+    # A results file from before the paired ratio: "ratio" was of medians.
+    old = {"ratio": 0.7, "round_ratios": [0.8, 0.9, 1.0]}
+    assert bench.ratios(old) == (0.9, 0.7)
