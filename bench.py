@@ -11,10 +11,11 @@
 
 Device benchmarks run `svq.py run DEV --json` in one VM (vm/run), direct and
 shadow mode interleaved, round after round, and report median [min-max] of
-each, and shadow/direct within each round, median over the rounds.  The copier benchmark drives a
-ShadowVirtqueue in this process: a minimal driver posts chains on a guest
-ring, svq.forward_avail() copies them to the shadow ring, a minimal device
-stand-in completes them, svq.flush() returns them to the guest used ring.
+each, and shadow/direct within each round, median over the rounds.  The
+copier benchmark drives a ShadowVirtqueue in this process: a minimal driver
+posts chains on a guest ring, svq.forward_avail() copies them to the shadow
+ring, a minimal device stand-in completes them, svq.flush() returns them to
+the guest used ring.
 Results go to .cache/bench/bench-YYYYmmdd-HHMMSS.json.
 """
 
