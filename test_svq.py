@@ -1712,7 +1712,6 @@ def test_dpdk_testpmd_through_shadow(tmpdir_short):
     try:
         for run in range(2):                    # quit and reconnect: traffic again
             rc, out = _testpmd(path, "svqtp%d" % run)
-            import re
             rx = [int(x) for x in re.findall(r"RX-packets:\s+(\d+)", out)]
             tx = [int(x) for x in re.findall(r"TX-packets:\s+(\d+)", out)]
             assert rc == 0 and tx and tx[-1] > 0, out[-3000:] + srv.log()
