@@ -2197,6 +2197,7 @@ class Driver:
     """Common part of the built-in net and blk drivers."""
     queue_count = 1
     RESULT_FIELDS = ()                  # what the guest process reports back
+    budget = 1 << 31                    # completions per call: no limit (see handle_call)
 
     def __init__(self, dev_type, config, features, num, count, size, write, run_id):
         self.dev_type, self.config, self.features = dev_type, config, features
@@ -2231,14 +2232,25 @@ class Driver:
         raise NotImplementedError
 
     def handle_call(self, q):
+        """A NAPI-style poll: complete at most `budget` used entries, then
+        refill.  With the budget spent, callbacks stay off and the driver
+        signals its own call eventfd, to be polled again after the loop's
+        other events (napi_schedule): the device gets new work while the
+        rest of a long batch waits, instead of the whole queue going round
+        in lock-step.  Under the budget, callbacks are re-enabled, with the
+        recheck that closes the race against a new entry."""
         eventfd_drain(q.call_fd)
+        budget = self.budget
         while True:
-            while True:
-                elem = q.get_used()
-                if elem is None:
+            elem = q.get_used()
+            if elem is None:
+                if q.enable_cb():
                     break
-                self.complete(q, elem[0], elem[1])
-            if q.enable_cb():
+                continue
+            self.complete(q, elem[0], elem[1])
+            budget -= 1
+            if not budget:
+                os.write(q.call_fd, _EVENTFD_ONE)
                 break
         self.refill()
         if self.on_done is not None and self.done():
@@ -2411,6 +2423,9 @@ class BlkDriver(Driver):
         indirect = self.features >> VIRTIO_RING_F_INDIRECT_DESC & 1
         self.stride = 1 if indirect else self.nsegs + 2     # descriptors per slot
         self.depth = min(max(1, self.num // self.stride), 64)
+        # Refill when half the queue has come back, not all of it: blk-mq
+        # reissues a tag as soon as it completes.
+        self.budget = max(1, self.depth // 2)
         self.span = self.capacity - self.capacity % self.sectors
         self.next_lba = 0
         self.issued = 0

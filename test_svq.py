@@ -816,6 +816,46 @@ def test_device_info_against_mock():
     assert "virtio-net" in text and "52:54:00:12:34:56" in text
 
 
+def test_driver_poll_stops_at_its_budget_and_polls_again():
+    class Queue:
+        def __init__(self, n):
+            self.pending = list(range(n))
+            self.call_fd = svq.eventfd()
+            self.enabled = 0
+
+        def get_used(self):
+            return (self.pending.pop(0), 1) if self.pending else None
+
+        def enable_cb(self):
+            self.enabled += 1
+            return not self.pending
+
+    class Recorder(svq.Driver):
+        budget = 4
+
+        def complete(self, q, token, length):
+            self.completed.append(token)
+
+        def refill(self):
+            self.refills += 1
+
+    d = Recorder("blk", {}, 0, 8, None, 0, False, 1)
+    d.completed, d.refills = [], 0
+    q = Queue(10)
+    try:
+        d.handle_call(q)
+        assert d.completed == [0, 1, 2, 3] and d.refills == 1
+        assert q.enabled == 0                       # callbacks stay off ...
+        assert svq.eventfd_drain(q.call_fd) == 1    # ... and it asked to be polled again
+        d.handle_call(q)
+        d.handle_call(q)
+        assert d.completed == list(range(10)) and d.refills == 3
+        assert q.enabled == 1                       # under budget: callbacks back on
+        assert svq.eventfd_drain(q.call_fd) == 0    # and no poll of its own
+    finally:
+        os.close(q.call_fd)
+
+
 def test_blk_sector_pattern_is_stamped():
     p = svq.BlkDriver.sector_pattern(0x1234, 77)
     assert len(p) == 512 and p[:8] == b"SVQBLK01"
