@@ -2261,6 +2261,8 @@ class NetDriver(Driver):
     """Sends frames to the device's MAC (TX, vq 1) and checks that every one
     comes back intact and in order on RX (vq 0): vdpa_sim_net loops TX to RX."""
     queue_count = 2
+    # No budget (Driver's default): net drains every completion before it
+    # refills.  A budget of 64 frames made its direct mode 6-9% slower.
     ETHERTYPE = 0x88B5                      # IEEE local experimental
     HDR = struct.Struct("<6s6sHQIIH")       # dst, src, type, seq, run, crc, plen
     SRC_MAC = b"\x02\x53\x56\x51\x00\x01"
