@@ -2586,8 +2586,9 @@ class BuiltinRun:
 
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
-                 ring_base=0, straddle=False, opener=VhostVdpa):
+                 ring_base=0, straddle=False, cpus=None, opener=VhostVdpa):
         self.path, self.direct = path, direct
+        self.cpus = _check_cpus(cpus)           # (driver CPU, svq CPU) or None
         self.straddle = straddle
         self.ring_base = ring_base
         self.count, self.seconds = count, seconds
@@ -2604,6 +2605,7 @@ class BuiltinRun:
         self.driver_kicks = 0
         self.elapsed = 0.0
         self.driver_cpu = self.svq_cpu = None   # CPU seconds of each process
+        self.affinity = {}                      # CPUs each process ran on
         self.svq_stats = SvqStats()
         self.run_id = int.from_bytes(os.urandom(4), "little")
         try:
@@ -2712,10 +2714,11 @@ class BuiltinRun:
     # -- running --
     #
     # The guest runs in a child process, as a VM's vCPU runs beside the
-    # hypervisor thread that serves its shadow queues: the driver and the
-    # shadow virtqueues get a CPU each, in shadow and in direct mode alike.
-    # Guest memory and rings are MAP_SHARED and the eventfds are inherited, so
-    # the two sides share exactly what a guest and a hypervisor share.
+    # hypervisor thread that serves its shadow queues.  Guest memory and rings
+    # are MAP_SHARED and the eventfds are inherited, so the two sides share
+    # exactly what a guest and a hypervisor share.  With `cpus`, each process
+    # is pinned to a CPU of its own, as a vCPU thread and the SVQ thread
+    # would be: nothing else's work then lands on the driver's CPU.
 
     def run(self):
         self.loop = loop = EventLoop()
@@ -2735,11 +2738,17 @@ class BuiltinRun:
                 os._exit(code)
         os.close(wfd)
         self.guest_pid = pid
+        saved = os.sched_getaffinity(0)
         cpu0 = time.process_time()
         try:
+            if self.cpus:
+                _pin(self.cpus[1])
+            self.affinity["svq"] = sorted(os.sched_getaffinity(0))
             self._host_process(rfd, pid)
             self.svq_cpu = time.process_time() - cpu0
         finally:
+            if self.cpus:
+                os.sched_setaffinity(0, saved)
             os.close(rfd)
             if self.guest_pid:
                 os.kill(self.guest_pid, signal.SIGKILL)
@@ -2798,6 +2807,7 @@ class BuiltinRun:
         self.elapsed = res.pop("elapsed")
         self.driver_cpu = res.pop("cpu")
         self.driver_kicks = res.pop("driver_kicks")
+        self.affinity["driver"] = res.pop("affinity")
         st.latency.counts = res.pop("latency")
         st.latency.n = sum(st.latency.counts)
         for k, v in res.pop("driver").items():
@@ -2814,6 +2824,8 @@ class BuiltinRun:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # the host coordinates the stop
         signal.set_wakeup_fd(-1)
+        if self.cpus:
+            _pin(self.cpus[0])
         drv = self.driver
         loop = EventLoop()
         def guarded(fn):
@@ -2860,6 +2872,7 @@ class BuiltinRun:
                "latency": st.latency.counts,
                "driver_kicks": sum(q.kicks for q in drv.queues),
                "cpu": time.process_time(),
+               "affinity": sorted(os.sched_getaffinity(0)),
                "driver": {k: getattr(drv, k) for k in drv.RESULT_FIELDS}}
         data = json.dumps(res).encode()
         while data:
@@ -2913,6 +2926,8 @@ class BuiltinRun:
             "chain_walks": None if self.direct else s.walks,
             "cpu_seconds": {"driver": _round(self.driver_cpu, 3),
                             "svq": None if self.direct else _round(self.svq_cpu, 3)},
+            "cpus": {"pinned": self.cpus is not None,
+                     "driver": self.affinity.get("driver"), "svq": self.affinity.get("svq")},
             "queue_size": self.driver.num,
             "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
             "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
@@ -2950,6 +2965,38 @@ class BuiltinRun:
 
 def _type_names(device_id):
     return {VIRTIO_ID_NET: NET_FEATURE_NAMES, VIRTIO_ID_BLOCK: BLK_FEATURE_NAMES}.get(device_id)
+
+
+def cpu_list(cpus):
+    """CPU numbers as the kernel writes a cpulist: '0-3,6'."""
+    out, cpus = [], sorted(cpus)
+    i = 0
+    while i < len(cpus):
+        j = i
+        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+            j += 1
+        out.append(str(cpus[i]) if i == j else "%d-%d" % (cpus[i], cpus[j]))
+        i = j + 1
+    return ",".join(out)
+
+
+def _check_cpus(cpus):
+    """(driver CPU, svq CPU), each one this process may run on, or None."""
+    if cpus is None:
+        return None
+    allowed = os.sched_getaffinity(0)
+    for cpu in cpus:
+        if cpu not in allowed:
+            raise UsageError("--cpus: CPU %d is not available to this process (allowed: %s)"
+                             % (cpu, cpu_list(allowed)))
+    return tuple(cpus)
+
+
+def _pin(cpu):
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError as e:
+        raise SvqError("sched_setaffinity(CPU %d): %s" % (cpu, e.strerror))
 
 
 # ============================================================================
@@ -3957,6 +4004,16 @@ def _positive_int(s):
     return v
 
 
+def _cpu_pair(s):
+    try:
+        cpus = tuple(int(x) for x in s.split(","))
+    except ValueError:
+        cpus = ()
+    if len(cpus) != 2 or min(cpus) < 0:
+        raise argparse.ArgumentTypeError("want two CPU numbers D,S: %r" % s)
+    return cpus
+
+
 def build_parser():
     p = _Parser(prog="svq.py", description="Shadow virtqueues for vhost-vdpa devices.")
     p.add_argument("--version", action="version", version="svq.py " + __version__)
@@ -3981,6 +4038,8 @@ def build_parser():
     r.add_argument("--straddle", action="store_true",
                    help="driver: put one buffer across the two guest memory regions "
                         "(the shadow then copies chains instead of mirroring them)")
+    r.add_argument("--cpus", type=_cpu_pair, metavar="D,S",
+                   help="pin the driver to CPU D and the shadow queues to CPU S")
     r.add_argument("--json", action="store_true", help="print one JSON object")
     i = sub.add_parser("info", help="identity and capabilities of a device")
     i.add_argument("device")
@@ -4024,6 +4083,9 @@ def format_summary(s):
         lines.append("  CPU: driver %.2f s (%.1f us/request)%s" % (
             cpu["driver"], cpu["driver"] * per,
             "" if cpu["svq"] is None else ", svq %.2f s (%.1f us/request)" % (cpu["svq"], cpu["svq"] * per)))
+    if s["cpus"]["pinned"]:
+        lines.append("  pinned: driver on CPU %s, svq on CPU %s"
+                     % (cpu_list(s["cpus"]["driver"]), cpu_list(s["cpus"]["svq"])))
     lines.append("  integrity errors %d" % s["errors"])
     lines += ["    " + m for m in s["error_messages"]]
     return "\n".join(lines)
@@ -4038,7 +4100,7 @@ def cmd_run(args):
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
                      ring_base=args.ring_base, straddle=args.straddle,
-                     progress=progress)
+                     cpus=args.cpus, progress=progress)
     try:
         run.run()
         sig = run.loop.stop_signal

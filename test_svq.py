@@ -750,6 +750,24 @@ def test_builtin_run_with_indirect_and_ring_base_near_wrap():
     assert s["errors"] == 0 and s["requests"] >= 600
 
 
+def test_builtin_run_pins_driver_and_svq_to_their_cpus():
+    allowed = sorted(os.sched_getaffinity(0))
+    drv_cpu, svq_cpu = allowed[0], allowed[-1]
+    op = mockvdpa.opener("blk")
+    run = svq.BuiltinRun("/dev/mock", count=200, seconds=None, opener=op, queue_size=16,
+                         cpus=(drv_cpu, svq_cpu))
+    try:
+        run.run()
+        s = run.summary()
+    finally:
+        run.close()
+    assert s["errors"] == 0 and s["requests"] >= 200
+    assert s["cpus"] == {"pinned": True, "driver": [drv_cpu], "svq": [svq_cpu]}
+    assert "pinned: driver on CPU %d, svq on CPU %d" % (drv_cpu, svq_cpu) in svq.format_summary(s)
+    assert sorted(os.sched_getaffinity(0)) == allowed       # the caller's own, restored
+    assert svq.cpu_list([0, 1, 2, 3, 6, 8, 9]) == "0-3,6,8-9"
+
+
 def test_net_driver_detects_corruption():
     op = mockvdpa.opener("net")
     run = svq.BuiltinRun("/dev/mock", count=300, seconds=None, opener=op, queue_size=32)
@@ -875,6 +893,9 @@ def test_cli_errors_are_one_line():
     assert "seconds" in one_line_error(run_cli("run", "/dev/x", "--seconds", "-1"))
     assert "ring-base" in one_line_error(run_cli("run", "/dev/vhost-vdpa-404", "--ring-base", "70000"))
     assert "unrecognized" in one_line_error(run_cli("run", "/dev/x", "--bogus"))
+    assert "two CPU numbers" in one_line_error(run_cli("run", "/dev/x", "--cpus", "1"))
+    line = one_line_error(run_cli("run", "/dev/vhost-vdpa-404", "--cpus", "0,4095"))
+    assert "CPU 4095 is not available" in line and "allowed: " in line
 
 
 def test_cli_non_vdpa_char_device():
