@@ -41,6 +41,7 @@ TARGET_IMPORT_MS = 50.0
 TARGET_RSS_MIB = 30.0
 QEMU_C_SVQ_RATIO = 0.86          # netperf 9006 -> 7731 Mbit/s
 WARMUP_SECONDS = 0.5             # one discarded run per case and mode
+ROUNDS, SECONDS = 7, 2.0
 
 # id, device variable, device label, size, write
 DEVICE_CASES = [
@@ -121,12 +122,94 @@ def proc_status_kib(pid):
     return out
 
 
-def svq_run(dev, seconds, size, write, direct):
-    """One `svq.py run`, in this process (svq.BuiltinRun, as the CLI runs it):
-    no interpreter start-up between runs, so rounds can be many and long."""
-    import svq
+# Where each party runs.  "pinned": the driver (the guest's vCPU) alone on
+# CPU 0; svq and the device's own threads on CPU 1, in direct and shadow mode
+# alike.  "free": the scheduler places everything.
+PLACEMENTS = ("pinned", "free")
+DRIVER_CPU, HOST_CPU = 0, 1
+
+
+def vdpa_name(dev):
+    """The vdpa device behind /dev/vhost-vdpa-N (vdpa0, vduse0, ...), or None."""
+    base = "/sys/bus/vdpa/devices"
     try:
-        run = svq.BuiltinRun(dev, direct=direct, seconds=seconds, size=size, write=write)
+        names = os.listdir(base)
+    except OSError:
+        return None
+    node = os.path.basename(dev)
+    return next((n for n in names if os.path.exists(os.path.join(base, n, node))), None)
+
+
+def device_pids(dev):
+    """{pid: comm} of what does the device's work: vdpa_sim's kthread worker
+    ("vDPA sim worker: <name>"), or the process that holds the VDUSE device
+    /dev/vduse/<name> open (qemu-storage-daemon).  Empty for hardware."""
+    name = vdpa_name(dev)
+    out = {}
+    if name is None:
+        return out
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        comm = _read("/proc/%s/comm" % pid).strip()
+        if comm == "vDPA sim worker: " + name:
+            out[int(pid)] = comm
+            continue
+        try:
+            fds = os.listdir("/proc/%s/fd" % pid)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink("/proc/%s/fd/%s" % (pid, fd)) == "/dev/vduse/" + name:
+                    out[int(pid)] = comm
+                    break
+            except OSError:
+                pass
+    return out
+
+
+def cpu_seconds(pids):
+    """User + system CPU seconds of these processes, all their threads (and
+    threads that have ended) included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        stat = _read("/proc/%d/stat" % pid)
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 12:
+            total += int(fields[11]) + int(fields[12])      # utime, stime
+    return total / tick
+
+
+def place(placement, pids):
+    """Put every thread of the device processes `pids` where `placement` says;
+    returns the (driver, svq) CPUs to give svq.BuiltinRun (None: not pinned).
+    Threads they start later inherit the CPUs of the thread that starts them."""
+    cpus = None if placement == "free" else (DRIVER_CPU, HOST_CPU)
+    mask = set(range(os.cpu_count() or 1)) if cpus is None else {HOST_CPU}
+    for pid in pids:
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), mask)
+            except OSError as e:        # a thread that has just ended
+                note("sched_setaffinity(%s of %d): %s" % (tid, pid, e.strerror))
+    return cpus
+
+
+def svq_run(dev, seconds, size, write, direct, cpus=None, device=()):
+    """One `svq.py run`, in this process (svq.BuiltinRun, as the CLI runs it):
+    no interpreter start-up between runs, so rounds can be many and long.
+    `device`: the pids that do the device's work, whose CPU time is counted."""
+    import svq
+    dev_cpu0 = cpu_seconds(device)
+    try:
+        run = svq.BuiltinRun(dev, direct=direct, seconds=seconds, size=size, write=write,
+                             cpus=cpus)
         try:
             run.run()
             s = run.summary()
@@ -137,8 +220,10 @@ def svq_run(dev, seconds, size, write, direct):
     res = {"rc": 0}
     for k in ("requests", "bytes", "seconds", "requests_per_second", "mbit_per_second",
               "errors", "kicks", "calls", "parked", "latency_us", "cpu_seconds",
-              "chain_walks", "layout"):
+              "chain_walks", "layout", "cpus"):
         res[k] = s.get(k)
+    if device:
+        res["cpu_seconds"]["device"] = round(cpu_seconds(device) - dev_cpu0, 3)
     if s.get("errors"):
         res["error_messages"] = s.get("error_messages", [])[:3]
     return res
@@ -177,36 +262,52 @@ def cmd_vm(args):
             devs[var] = os.environ[var]
     cases = [c for c in DEVICE_CASES if c[1] in devs and
              (not args.only or any(c[0].startswith(o) for o in args.only.split(",")))]
+    placements = PLACEMENTS if args.placement == "both" else (args.placement,)
+    if (os.cpu_count() or 1) < 2 and "pinned" in placements:
+        note("one CPU: nothing to pin, every run is placed freely")
+        placements = ("free",)
     out = {"machine": machine(), "rounds": args.rounds, "seconds": args.seconds,
-           "devices": devs, "runs": [], "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+           "devices": devs, "runs": [], "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+           "placements": list(placements), "cpus": {"driver": DRIVER_CPU, "host": HOST_CPU}}
+    # The device's own work: vdpa_sim's kthread workers, qemu-storage-daemon.
+    procs = {var: device_pids(dev) for var, dev in devs.items()}
+    every = [pid for p in procs.values() for pid in p]
+    out["device_processes"] = {var: sorted(p.values()) for var, p in procs.items()}
     t0 = time.monotonic()
     # Warm-up, discarded: the first run of each case in a process is the
     # slowest (new code paths to translate under TCG, caches); without this
     # the first round's first mode pays for it.
+    cpus = place(placements[0], every)
     for cid, var, _, size, write in cases:
         for mode in ("direct", "shadow"):
-            r = svq_run(devs[var], WARMUP_SECONDS, size, write, mode == "direct")
+            r = svq_run(devs[var], WARMUP_SECONDS, size, write, mode == "direct", cpus)
             if "failure" in r or r.get("errors"):
                 note("warm-up %s %s: %s" % (cid, mode, r.get("failure") or r.get("error_messages")))
     note("warm-up done (%.0f s)" % (time.monotonic() - t0))
     out["warmup_seconds"] = WARMUP_SECONDS
-    total = args.rounds * len(cases) * 2
+    total = args.rounds * len(cases) * 2 * len(placements)
     done = 0
     for rnd in range(args.rounds):
-        # Alternate which mode goes first so neither always runs second.
+        # Alternate which mode (and placement) goes first so that neither
+        # always runs second.
         modes = ("direct", "shadow") if rnd % 2 == 0 else ("shadow", "direct")
+        order = placements if rnd % 2 == 0 else placements[::-1]
         for cid, var, _, size, write in cases:
-            for mode in modes:
-                r = svq_run(devs[var], args.seconds, size, write, mode == "direct")
-                r.update(case=cid, mode=mode, round=rnd)
-                out["runs"].append(r)
-                done += 1
-                if "failure" in r or r.get("errors"):
-                    note("round %d %s %s: %s" % (rnd, cid, mode,
-                                                 r.get("failure") or r.get("error_messages")))
-                note("[%3d/%d %4.0fs] round %d %-16s %-6s %10s req/s" % (
-                    done, total, time.monotonic() - t0, rnd + 1, cid, mode,
-                    r.get("requests_per_second")))
+            for placement in order:
+                cpus = place(placement, every)
+                for mode in modes:
+                    r = svq_run(devs[var], args.seconds, size, write, mode == "direct", cpus,
+                                procs[var])
+                    r.update(case=cid, mode=mode, round=rnd, placement=placement)
+                    out["runs"].append(r)
+                    done += 1
+                    if "failure" in r or r.get("errors"):
+                        note("round %d %s %s: %s" % (rnd, cid, mode,
+                                                     r.get("failure") or r.get("error_messages")))
+                    note("[%3d/%d %4.0fs] round %d %-16s %-6s %-6s %10s req/s" % (
+                        done, total, time.monotonic() - t0, rnd + 1, cid, placement, mode,
+                        r.get("requests_per_second")))
+    place("free", every)
     # Resident memory of svq.py run beyond the guest memory (shared) it maps.
     mem = {}
     py = sys.executable
@@ -244,8 +345,8 @@ def run_vm(args):
     env = dict(os.environ)
     env.setdefault("SVQ_VM_TIMEOUT", "2400")
     name = "bench-vm-%d.json" % os.getpid()
-    inner = ("exec %s bench.py vm --rounds %d --seconds %s --out \"$SVQ_OUT/%s\"%s"
-             % ("python3", args.rounds, args.seconds, name,
+    inner = ("exec %s bench.py vm --rounds %d --seconds %s --placement %s --out \"$SVQ_OUT/%s\"%s"
+             % ("python3", args.rounds, args.seconds, args.placement, name,
                 " --only %s" % args.only if args.only else ""))
     argv = [sys.executable, os.path.join(ROOT, "vm", "run"), "sh", "-c", inner]
     note("device benchmarks in the VM: %d rounds x %s s x 2 modes" % (args.rounds, args.seconds))
@@ -294,10 +395,13 @@ def ratios(row):
     return (round(median(per), 3) if per else of_medians), of_medians
 
 
-def summarize_devices(vm):
+def summarize_devices(vm, placement=None):
+    """One row per case, of the runs with `placement` (None: all; results
+    files from before placements were recorded hold only free runs)."""
     rows = []
     for cid, var, label, size, write in DEVICE_CASES:
-        runs = [r for r in vm["runs"] if r["case"] == cid]
+        runs = [r for r in vm["runs"] if r["case"] == cid
+                and placement in (None, r.get("placement", "free"))]
         if not runs:
             continue
         row = {"case": cid, "device": label, "size": size, "write": write}
@@ -315,7 +419,7 @@ def summarize_devices(vm):
                          "mbit_max": max(mbs) if mbs else None,
                          "errors": sum(r.get("errors") or 0 for r in ok)}
             # CPU per request of each process (median over the rounds).
-            for who in ("driver", "svq"):
+            for who in ("driver", "svq", "device"):
                 us = [r["cpu_seconds"][who] * 1e6 / r["requests"] for r in ok
                       if (r.get("cpu_seconds") or {}).get(who) is not None]
                 row[mode]["cpu_us_" + who] = median(us)
@@ -613,9 +717,11 @@ def cmd_timeline(args):
             with open(child_out, "w") as f:
                 json.dump(events, f)
     svq.BuiltinRun._guest_process = traced_guest
+    device = device_pids(dev)
+    cpus = place(args.placement, device)
     for direct in (True, False, True, False):
         del events[:]
-        res = svq_run(dev, args.seconds, size, write, direct)
+        res = svq_run(dev, args.seconds, size, write, direct, cpus, device)
         if "failure" in res or not res.get("requests"):
             note("%s %s: %s" % (cid, "direct" if direct else "shadow",
                                 res.get("failure") or "no request completed"))
@@ -778,6 +884,7 @@ def format_table(res):
                  "(the two runs side by side), median [min-max] over the rounds")
         L.append("(target >= %.2f; QEMU's C SVQ: %.2f); of medians = shadow median / direct median."
                  % (TARGET_RATIO, QEMU_C_SVQ_RATIO))
+        L.append(_placement_line(res.get("placement", "free"), vm))
         L.append("")
         L.append("| benchmark | unit | direct | shadow | shadow/direct | of medians | also |")
         L.append("|---|---|---:|---:|---:|---:|---|")
@@ -797,6 +904,9 @@ def format_table(res):
                 also += "; CPU us/req: driver %s -> %s, svq %s" % (
                     _fmt(d.get("cpu_us_driver") if d else None), _fmt(s.get("cpu_us_driver")),
                     _fmt(cpu))
+                if s.get("cpu_us_device") is not None:
+                    also += ", device %s -> %s" % (_fmt(d.get("cpu_us_device") if d else None),
+                                                   _fmt(s.get("cpu_us_device")))
             flags = []
             if row.get("failed_runs"):
                 flags.append("%d failed runs" % row["failed_runs"])
@@ -813,6 +923,8 @@ def format_table(res):
         L.append("")
         L.append("Blk \"write+readback\": svq.py run --write writes each block and reads it back "
                  "to verify; requests count both.")
+        for other, rows in sorted((res.get("devices_by_placement") or {}).items()):
+            L.extend(_placement_table(res["placement"], res["devices"], other, rows))
     cop = res.get("copier")
     if cop:
         L.append("")
@@ -862,6 +974,40 @@ def format_table(res):
     L.append("")
     L.extend(targets(res))
     return "\n".join(L)
+
+
+def _placement_line(placement, vm):
+    if placement == "free":
+        return "Placement: free (the scheduler places the driver, svq and the device's threads)."
+    cpus = vm.get("cpus") or {"driver": DRIVER_CPU, "host": HOST_CPU}
+    return ("Placement: pinned, in both modes: the driver (the guest's vCPU) alone on vCPU %d; "
+            "svq and the device's threads (%s) on vCPU %d."
+            % (cpus["driver"], ", ".join(sorted({c for p in (vm.get("device_processes") or {}).values()
+                                                for c in p})) or "none found",
+               cpus["host"]))
+
+
+def _placement_table(head, head_rows, other, rows):
+    """The same benchmarks in another placement, from the same rounds."""
+    L = ["", "The same rounds, placement %s beside %s (each round ran both):" % (other, head), "",
+         "| benchmark | shadow/direct, %s | shadow/direct, %s | direct, %s -> %s | "
+         "shadow, %s -> %s |" % (other, head, other, head, other, head),
+         "|---|---:|---:|---:|---:|"]
+    by_case = {r["case"]: r for r in rows}
+    for row in head_rows:
+        o = by_case.get(row["case"])
+        if not o:
+            continue
+        _, key, digits = device_metric(row)
+        scale = 1 / 8 if key == "mbit" else 1
+        cells = []
+        for mode in ("direct", "shadow"):
+            a, b = o[mode].get(key), row[mode].get(key)
+            cells.append("%s -> %s" % (_fmt(a * scale if a is not None else None, digits),
+                                       _fmt(b * scale if b is not None else None, digits)))
+        L.append("| %s | %s | %s | %s | %s |" % (
+            _case_label(row), _fmt(ratios(o)[0], 2), _fmt(ratios(row)[0], 2), cells[0], cells[1]))
+    return L
 
 
 def _mb(m):
@@ -963,7 +1109,11 @@ def cmd_run(args):
             accel = _read(os.path.join(ROOT, ".cache", "vm", "accel")).strip()
             vm["accel"] = os.environ.get("SVQ_VM_ACCEL") or accel.upper() or "?"
             res["vm"] = vm
-            res["devices"] = summarize_devices(vm)
+            placements = vm.get("placements") or ["free"]
+            res["placement"] = placements[0]
+            res["devices"] = summarize_devices(vm, placements[0])
+            for other in placements[1:]:
+                res.setdefault("devices_by_placement", {})[other] = summarize_devices(vm, other)
     res["elapsed_seconds"] = round(time.monotonic() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
@@ -993,19 +1143,25 @@ def build_parser():
     p = argparse.ArgumentParser(prog="bench.py", description="svq.py benchmarks")
     sub = p.add_subparsers(dest="cmd")
     r = sub.add_parser("run", help="all benchmarks (default)")
-    r.add_argument("--rounds", type=int, default=7, help="device rounds (default 7)")
-    r.add_argument("--seconds", type=float, default=2.0, help="seconds per device run (default 2)")
+    r.add_argument("--rounds", type=int, default=ROUNDS, help="device rounds (default %d)" % ROUNDS)
+    r.add_argument("--seconds", type=float, default=SECONDS,
+                   help="seconds per device run (default %g)" % SECONDS)
     r.add_argument("--copier-seconds", type=float, default=0.25)
     r.add_argument("--only", help="device cases whose id starts with one of these (comma list)")
+    r.add_argument("--placement", choices=PLACEMENTS + ("both",), default="pinned",
+                   help="pinned (default): driver on vCPU %d, svq and the device's threads on "
+                   "vCPU %d, both modes; free: the scheduler's choice; both: each round in both, "
+                   "the table from the first, the other beside it" % (DRIVER_CPU, HOST_CPU))
     r.add_argument("--no-vm", action="store_true", help="host benchmarks only")
     r.add_argument("--out", default=OUT_DIR, help="results folder (default .cache/bench)")
     r.add_argument("--compare", metavar="OLD.json", help="print the change against a results file")
     r.add_argument("--svq", metavar="FILE", help="copier: benchmark this svq.py instead (device "
                    "runs always use ./svq.py)")
     v = sub.add_parser("vm", help="(inside the VM) device benchmarks")
-    v.add_argument("--rounds", type=int, default=7)
-    v.add_argument("--seconds", type=float, default=2.0)
+    v.add_argument("--rounds", type=int, default=ROUNDS)
+    v.add_argument("--seconds", type=float, default=SECONDS)
     v.add_argument("--only")
+    v.add_argument("--placement", choices=PLACEMENTS + ("both",), default="pinned")
     v.add_argument("--out", required=True)
     t = sub.add_parser("table", help="print a results file")
     t.add_argument("file")
@@ -1014,6 +1170,7 @@ def build_parser():
                        "direct and shadow")
     m.add_argument("--case", default="blk-4k-read", choices=[c[0] for c in DEVICE_CASES])
     m.add_argument("--seconds", type=float, default=2.0)
+    m.add_argument("--placement", choices=PLACEMENTS, default="pinned")
     f = sub.add_parser("profile", help="cProfile of the copier loop")
     f.add_argument("--chain", type=int, default=2)
     f.add_argument("--batch", type=int, default=64)

@@ -1865,3 +1865,27 @@ def test_bench_ratio_is_the_median_of_paired_rounds():
     # A results file from before the paired ratio: "ratio" was of medians.
     old = {"ratio": 0.7, "round_ratios": [0.8, 0.9, 1.0]}
     assert bench.ratios(old) == (0.9, 0.7)
+
+
+def test_bench_keeps_placements_apart():
+    import bench
+    runs = []
+    for rnd in range(3):
+        for placement, (d, s) in (("pinned", (100, 95)), ("free", (100, 80))):
+            for mode, rate in (("direct", d), ("shadow", s)):
+                runs.append({"case": "net-64", "mode": mode, "round": rnd, "requests": rate,
+                             "requests_per_second": rate + rnd, "mbit_per_second": 1.0,
+                             "placement": placement})
+    vm = {"runs": runs, "rounds": 3}
+    (pinned,) = bench.summarize_devices(vm, "pinned")
+    (free,) = bench.summarize_devices(vm, "free")
+    assert pinned["direct"]["n"] == free["shadow"]["n"] == 3
+    assert pinned["shadow"]["rps"] == 96 and free["shadow"]["rps"] == 81
+    assert bench.ratios(pinned)[0] == round(96 / 101, 3)
+    # Runs recorded before placements existed were all placed freely.
+    for r in runs:
+        if r.pop("placement") == "pinned":
+            r["case"] = "other"
+    assert bench.summarize_devices(vm, "free")[0]["shadow"]["rps"] == 81
+    table = "\n".join(bench._placement_table("pinned", [pinned], "free", [free]))
+    assert "| vdpa_sim_net 64 B frames | 0.80 | 0.95 | 101 -> 101 | 81 -> 96 |" in table
