@@ -1293,8 +1293,10 @@ class ShadowVirtqueue:
         self.smask = snum - 1
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
         # Mirrored layout.  A chain is a tuple (mask, count, wlen, wgpa, w1len,
-        # w2gpa, pieces): the bit mask of its slots, then as desc_* above, and
-        # when wgpa is -1 its writable buffers as (gpa, len) pairs.  _busy is
+        # w2gpa, pieces, wbyte, wbit, w2byte, w2bit): the bit mask of its
+        # slots, then as desc_* above; when wgpa is -1 its writable buffers
+        # as (gpa, len) pairs; the dirty-log byte and bit of the first and
+        # the second writable run when it lies within one page (else -1).  _busy is
         # the mask of the slots in flight; desc_chain, per head in flight, its
         # chain; _chains, per head, the chain walked from _snap (None: not
         # walked since the table changed).
@@ -1576,8 +1578,20 @@ class ShadowVirtqueue:
                 if flags & VRING_DESC_F_WRITE:
                     pieces.append((addr, length))
             pieces = tuple(pieces)
+        # A writable run that lies within one page is logged on completion
+        # with one |=: its log byte and bit, found here once per walk.
+        wbyte = wbit = w2byte = w2bit = -1
+        if wgpa >= 0 and wend > wgpa:
+            page = wgpa >> PAGE_SHIFT
+            if (wend - 1) >> PAGE_SHIFT == page:
+                wbyte, wbit = page >> 3, 1 << (page & 7)
+                if w2gpa >= 0:
+                    page = w2gpa >> PAGE_SHIFT
+                    if (w2end - 1) >> PAGE_SHIFT == page:
+                        w2byte, w2bit = page >> 3, 1 << (page & 7)
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces)
+        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces,
+                                      wbyte, wbit, w2byte, w2bit)
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -1643,6 +1657,7 @@ class ShadowVirtqueue:
         desc_chain, smask, log = self.desc_chain, self.smask, self.log
         if log is not None:
             logbuf, loglimit, mark = log.buf, log.limit, log.mark
+            logbytes = len(logbuf)
         busy = self._busy
         k = nfree = 0
         ents = memoryview(raw).cast("I")
@@ -1656,10 +1671,20 @@ class ShadowVirtqueue:
                     self._fail("device", (start + k) & 0xffff,
                                "used length %d beyond the %d writable bytes" % (length, chain[2]))
                 if log is not None and length:
-                    wgpa = chain[3]
-                    if wgpa >= 0:
+                    wbyte = chain[7]
+                    if 0 <= wbyte < logbytes:
+                        # The first writable run lies within one page.
+                        logbuf[wbyte] |= chain[8]
+                        if length > chain[4]:
+                            wbyte = chain[9]
+                            if 0 <= wbyte < logbytes:
+                                logbuf[wbyte] |= chain[10]
+                            else:
+                                mark(chain[5], length - chain[4])
+                    elif chain[3] >= 0:
                         # One or two runs (a blk read: data, then status),
                         # each set inline when it stays within a page.
+                        wgpa = chain[3]
                         n = length if length <= chain[4] else chain[4]
                         page = wgpa >> PAGE_SHIFT
                         if (wgpa + n - 1) >> PAGE_SHIFT == page and page < loglimit:

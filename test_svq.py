@@ -1802,11 +1802,16 @@ def test_signal_stops_builtin_run_cleanly(sig):
 
 
 @pytest.mark.parametrize("whole", [False, True], ids=["partial", "whole"])
-@pytest.mark.parametrize("runs", [1, 2, 3])
-def test_dirty_log_covers_exactly_the_written_bytes(rig, runs, whole):
+@pytest.mark.parametrize("sizes", [(0x1800,), (0x1800, 0x1800), (0x1800,) * 3, (0x200,),
+                                   (0x200, 0x200), (0x200, 0x1800), (0x1800, 0x200)],
+                         ids=lambda sizes: "+".join("%#x" % n for n in sizes))
+def test_dirty_log_covers_exactly_the_written_bytes(rig, sizes, whole):
+    # Writable runs of 0x1800 bytes cross a page; runs of 0x200 lie in one
+    # (their log bits are found once, when the chain is walked).
     r = rig()
-    bufs = [(0x101000, 16, False)] + [(0x102000 + k * 0x3000, 0x1800, True) for k in range(runs)]
-    written = 0x1800 * runs if whole else 0x1800 * (runs - 1) + 0x10
+    bufs = [(0x101000, 16, False)] + [(0x102000 + k * 0x3000 + 0x800, n, True)
+                                      for k, n in enumerate(sizes)]
+    written = sum(sizes) if whole else sum(sizes[:-1]) + 0x10
     want = set()
     left = written
     for gpa, n, w in bufs[1:]:
