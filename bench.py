@@ -24,10 +24,12 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -796,30 +798,51 @@ def cmd_profile(args):
 # import time
 # ============================================================================
 
-def import_time(reps=11):
+def _import_runs(reps, where, flags, env):
     code = ("import sys, time; sys.path.insert(0, %r); t = time.perf_counter(); "
-            "import svq; print(time.perf_counter() - t)" % ROOT)
+            "import svq; print(time.perf_counter() - t)" % where)
     times, walls = [], []
     for _ in range(reps):
         t = time.perf_counter()
-        out = subprocess.check_output([sys.executable, "-c", code], universal_newlines=True)
+        out = subprocess.check_output([sys.executable] + flags + ["-c", code], env=env,
+                                      universal_newlines=True)
         walls.append(time.perf_counter() - t)
         times.append(float(out.strip()) * 1000)
-    bare = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        subprocess.check_call([sys.executable, "-c", "pass"])
-        bare.append(time.perf_counter() - t)
-    # -X importtime: svq.py's own part (self time of the svq module).
-    self_us = None
-    p = subprocess.run([sys.executable, "-X", "importtime", "-c",
-                        "import sys; sys.path.insert(0, %r); import svq" % ROOT],
-                       stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, universal_newlines=True)
+    return times, walls
+
+
+def import_time(reps=11):
+    """`import svq` in a fresh interpreter, two ways, each from a copy of
+    svq.py in a folder of its own: compiled from source (the headline: a copy
+    on a read-only rescue image, or a first run, has no .pyc to load; -B
+    writes none), and from the .pyc that a first import left there."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    with tempfile.TemporaryDirectory() as src, tempfile.TemporaryDirectory() as pyc:
+        for d in (src, pyc):
+            shutil.copy(SVQ, d)
+        times, walls = _import_runs(reps, src, ["-B"], env)
+        _import_runs(1, pyc, [], env)                       # writes the .pyc
+        if not os.path.isdir(os.path.join(pyc, "__pycache__")):
+            raise RuntimeError("no .pyc was written in %s" % pyc)
+        cached, _ = _import_runs(reps, pyc, [], env)
+        bare = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            subprocess.check_call([sys.executable, "-c", "pass"], env=env)
+            bare.append(time.perf_counter() - t)
+        # -X importtime: svq.py's own part (self time of the svq module).
+        self_us = None
+        p = subprocess.run([sys.executable, "-B", "-X", "importtime", "-c",
+                            "import sys; sys.path.insert(0, %r); import svq" % src], env=env,
+                           stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, universal_newlines=True)
     for line in p.stderr.splitlines():
         m = re.match(r"import time:\s*(\d+)\s*\|\s*(\d+)\s*\|\s*svq$", line)
         if m:
             self_us = int(m.group(1))
     return {"import_ms": median(times), "import_ms_min": min(times), "import_ms_max": max(times),
+            "import_cached_ms": median(cached), "import_cached_ms_min": min(cached),
+            "import_cached_ms_max": max(cached),
             "svq_module_self_ms": self_us / 1000 if self_us is not None else None,
             "process_ms": median(walls) * 1000, "bare_python_ms": median(bare) * 1000,
             "reps": reps}
@@ -958,9 +981,14 @@ def format_table(res):
         L.append("| footprint | value | target |")
         L.append("|---|---:|---:|")
         if imp:
-            L.append("| `import svq` (fresh interpreter, median of %d) | %.1f ms [%.1f-%.1f] | < %.0f ms |"
+            L.append("| `import svq`, compiled from source (fresh interpreter, no .pyc; median of %d) "
+                     "| %.1f ms [%.1f-%.1f] | < %.0f ms |"
                      % (imp["reps"], imp["import_ms"], imp["import_ms_min"], imp["import_ms_max"],
                         TARGET_IMPORT_MS))
+            if imp.get("import_cached_ms") is not None:
+                L.append("| `import svq` from a cached .pyc | %.1f ms [%.1f-%.1f] | |"
+                         % (imp["import_cached_ms"], imp["import_cached_ms_min"],
+                            imp["import_cached_ms_max"]))
             L.append("| python3 -c pass / -c 'import svq' process | %.0f ms / %.0f ms | |"
                      % (imp["bare_python_ms"], imp["process_ms"]))
         for key, label in (("net-shadow", "svq.py run net, shadow"),
@@ -1019,12 +1047,16 @@ def _mb(m):
 
 def targets(res):
     out = ["Targets:"]
-    rows = res.get("devices") or []
-    paired = [(r["case"], ratios(r)[0]) for r in rows]
-    missed = [(c, v) for c, v in paired if v is not None and v < TARGET_RATIO]
-    if rows:
-        out.append("  shadow/direct >= %.2f: %d of %d met%s" % (
-            TARGET_RATIO, len(rows) - len(missed), len(rows),
+    tables = [(res.get("placement"), res.get("devices") or [])]
+    tables += sorted((res.get("devices_by_placement") or {}).items())
+    for placement, rows in tables:
+        if not rows:
+            continue
+        paired = [(r["case"], ratios(r)[0]) for r in rows]
+        missed = [(c, v) for c, v in paired if v is not None and v < TARGET_RATIO]
+        out.append("  shadow/direct >= %.2f%s: %d of %d met%s" % (
+            TARGET_RATIO, ", placement %s" % placement if placement else "",
+            len(rows) - len(missed), len(rows),
             "; missed: " + ", ".join("%s %.3f" % cv for cv in missed) if missed else ""))
     for r in res.get("copier") or []:
         if r["chain"] == 2 and r["batch"] == 64 and r["notify"] and not r.get("variant"):
