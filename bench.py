@@ -10,8 +10,10 @@
     python3 bench.py vm --out FILE                (inside the VM; run by `run`)
 
 Device benchmarks run `svq.py run DEV --json` in one VM (vm/run), direct and
-shadow mode interleaved, round after round, and report median [min-max] of
-each, and shadow/direct within each round, median over the rounds.  The
+shadow mode interleaved, round after round, in two placements (the driver
+pinned alone to one vCPU, svq and the device's threads to the other; or all
+placed by the scheduler), and report median [min-max] of each, and
+shadow/direct within each round, median over the rounds.  The
 copier benchmark drives a ShadowVirtqueue in this process: a minimal driver
 posts chains on a guest ring, svq.forward_avail() copies them to the shadow
 ring, a minimal device stand-in completes them, svq.flush() returns them to
@@ -1183,10 +1185,10 @@ def build_parser():
                    help="seconds per device run (default %g)" % SECONDS)
     r.add_argument("--copier-seconds", type=float, default=0.25)
     r.add_argument("--only", help="device cases whose id starts with one of these (comma list)")
-    r.add_argument("--placement", choices=PLACEMENTS + ("both",), default="pinned",
-                   help="pinned (default): driver on vCPU %d, svq and the device's threads on "
-                   "vCPU %d, both modes; free: the scheduler's choice; both: each round in both, "
-                   "the table from the first, the other beside it" % (DRIVER_CPU, HOST_CPU))
+    r.add_argument("--placement", choices=PLACEMENTS + ("both",), default="both",
+                   help="pinned: driver on vCPU %d, svq and the device's threads on vCPU %d, "
+                   "both modes; free: the scheduler's choice; both (default): each round in "
+                   "both, the table from pinned, free beside it" % (DRIVER_CPU, HOST_CPU))
     r.add_argument("--no-vm", action="store_true", help="host benchmarks only")
     r.add_argument("--out", default=OUT_DIR, help="results folder (default .cache/bench)")
     r.add_argument("--compare", metavar="OLD.json", help="print the change against a results file")
@@ -1196,7 +1198,7 @@ def build_parser():
     v.add_argument("--rounds", type=int, default=ROUNDS)
     v.add_argument("--seconds", type=float, default=SECONDS)
     v.add_argument("--only")
-    v.add_argument("--placement", choices=PLACEMENTS + ("both",), default="pinned")
+    v.add_argument("--placement", choices=PLACEMENTS + ("both",), default="both")
     v.add_argument("--out", required=True)
     t = sub.add_parser("table", help="print a results file")
     t.add_argument("file")
