@@ -984,11 +984,14 @@ def test_info_decodes_all_devices():
 
 
 @pytest.mark.vdpa
-@pytest.mark.parametrize("mode", ["shadow", "shadow-straddle", "direct"])
+@pytest.mark.parametrize("mode", ["shadow", "shadow-straddle", "shadow-pinned", "direct"])
 @pytest.mark.parametrize("var", ["SVQ_NET_DEV", "SVQ_BLK_DEV", "SVQ_VDUSE_DEV"])
 def test_traffic_is_clean(var, mode):
-    args = [device(var), "--seconds", "2"] + {"shadow": [], "direct": ["--direct"],
-                                              "shadow-straddle": ["--straddle"]}[mode]
+    cpus = sorted(os.sched_getaffinity(0))
+    cpus = (cpus[0], cpus[-1])
+    args = [device(var), "--seconds", "2"] + {
+        "shadow": [], "direct": ["--direct"], "shadow-straddle": ["--straddle"],
+        "shadow-pinned": ["--cpus", "%d,%d" % cpus]}[mode]
     if var != "SVQ_NET_DEV":
         args.append("--write")
     s = json_run(*args)
@@ -1002,6 +1005,8 @@ def test_traffic_is_clean(var, mode):
         assert s["layout"][0] == ("copied" if mode == "shadow-straddle" else "mirrored")
         assert set(s["layout"][1:]) <= {"mirrored"}
         assert s["cpu_seconds"]["svq"] > 0
+    if mode == "shadow-pinned":
+        assert s["cpus"] == {"pinned": True, "driver": [cpus[0]], "svq": [cpus[1]]}
     assert device_status(device(var)) == ["RESET"]
 
 
