@@ -1749,23 +1749,82 @@ def test_reconnect_leaks_nothing(tmpdir_short):
 # DPDK testpmd (virtio-user) through vdpa_sim_net
 # ---------------------------------------------------------------------------
 
-def _testpmd(sock, prefix, bursts=4):
+class _Testpmd:
+    """dpdk-testpmd in interactive mode, driven command by command: each
+    command waits for the prompt that follows its output."""
+    PROMPT = b"testpmd> "
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        self.out = bytearray()
+        self.seen = 0                   # output up to here is answered
+
+    def wait_prompt(self, timeout):
+        deadline = time.monotonic() + timeout
+        fd = self.p.stdout.fileno()
+        while True:
+            i = self.out.find(self.PROMPT, self.seen)
+            if i >= 0:
+                reply = bytes(self.out[self.seen:i])
+                self.seen = i + len(self.PROMPT)
+                return reply.decode(errors="replace")
+            left = deadline - time.monotonic()
+            if left <= 0 or self.p.poll() is not None and not select.select([fd], [], [], 0)[0]:
+                raise AssertionError("testpmd: no prompt within %.0f s:\n%s"
+                                     % (timeout, self.text()[-3000:]))
+            if select.select([fd], [], [], left)[0]:
+                data = os.read(fd, 65536)
+                if not data and self.p.poll() is not None:
+                    continue
+                self.out += data
+
+    def command(self, line, timeout=30):
+        self.p.stdin.write(line.encode() + b"\n")
+        self.p.stdin.flush()
+        return self.wait_prompt(timeout)
+
+    def text(self):
+        return self.out.decode(errors="replace")
+
+    def quit(self):
+        try:
+            self.p.stdin.write(b"quit\n")
+            self.p.stdin.flush()
+            rest, _ = self.p.communicate(timeout=120)
+        except (BrokenPipeError, subprocess.TimeoutExpired):
+            self.p.kill()
+            rest, _ = self.p.communicate()
+        self.out += rest or b""
+        return self.p.returncode
+
+
+def _testpmd(sock, prefix, bursts=4, wait=30.0):
     """txonly bursts to the device MAC (vdpa_sim_net loops them to RX), then
-    rxonly forwarding counts what comes back."""
+    rxonly forwarding counts what comes back: the port's counters are read
+    until every frame sent has come back, or `wait` seconds have passed.
+    Returns the exit code and the whole output."""
     cmd = ["dpdk-testpmd", "-l", "0-1", "--no-huge", "-m", "256", "--no-pci",
            "--file-prefix=" + prefix, "--vdev", "net_virtio_user0,path=%s,queues=1" % sock,
            "--", "-i", "--total-num-mbufs=4096", "--eth-peer=0,52:54:00:12:34:56",
            "--forward-mode=rxonly", "--burst=32"]
-    script = "start tx_first %d\n" % bursts
-    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
-    p.stdin.write(script)
-    p.stdin.flush()
-    time.sleep(5)
-    p.stdin.write("stop\nshow port stats all\nquit\n")
-    p.stdin.flush()
-    out, _ = p.communicate(timeout=120)
-    return p.returncode, out
+    t = _Testpmd(cmd)
+    try:
+        t.wait_prompt(120)              # EAL and port start-up, slow under TCG
+        t.command("start tx_first %d" % bursts)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            stats = t.command("show port stats all")
+            rx = [int(x) for x in re.findall(r"RX-packets:\s+(\d+)", stats)]
+            tx = [int(x) for x in re.findall(r"TX-packets:\s+(\d+)", stats)]
+            if rx and tx and tx[-1] >= 32 * bursts and rx[-1] >= tx[-1]:
+                break
+            time.sleep(0.5)
+        t.command("stop")
+        t.command("show port stats all")
+    finally:
+        rc = t.quit()
+    return rc, t.text()
 
 
 @pytest.mark.vdpa
