@@ -1581,14 +1581,12 @@ class ShadowVirtqueue:
         # A writable run that lies within one page is logged on completion
         # with one |=: its log byte and bit, found here once per walk.
         wbyte = wbit = w2byte = w2bit = -1
-        if wgpa >= 0 and wend > wgpa:
+        if wgpa >= 0 and wend > wgpa and (wend - 1) >> PAGE_SHIFT == wgpa >> PAGE_SHIFT:
             page = wgpa >> PAGE_SHIFT
-            if (wend - 1) >> PAGE_SHIFT == page:
-                wbyte, wbit = page >> 3, 1 << (page & 7)
-                if w2gpa >= 0:
-                    page = w2gpa >> PAGE_SHIFT
-                    if (w2end - 1) >> PAGE_SHIFT == page:
-                        w2byte, w2bit = page >> 3, 1 << (page & 7)
+            wbyte, wbit = page >> 3, 1 << (page & 7)
+        if w2gpa >= 0 and w2end > w2gpa and (w2end - 1) >> PAGE_SHIFT == w2gpa >> PAGE_SHIFT:
+            page = w2gpa >> PAGE_SHIFT
+            w2byte, w2bit = page >> 3, 1 << (page & 7)
         self.stats.walks += 1
         chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces,
                                       wbyte, wbit, w2byte, w2bit)
@@ -1656,7 +1654,7 @@ class ShadowVirtqueue:
         raw = ring_read(self.shadow.used, self.snum, 8, start, count)
         desc_chain, smask, log = self.desc_chain, self.smask, self.log
         if log is not None:
-            logbuf, loglimit, mark = log.buf, log.limit, log.mark
+            logbuf, mark = log.buf, log.mark
             logbytes = len(logbuf)
         busy = self._busy
         k = nfree = 0
@@ -1671,33 +1669,23 @@ class ShadowVirtqueue:
                     self._fail("device", (start + k) & 0xffff,
                                "used length %d beyond the %d writable bytes" % (length, chain[2]))
                 if log is not None and length:
-                    wbyte = chain[7]
-                    if 0 <= wbyte < logbytes:
-                        # The first writable run lies within one page.
-                        logbuf[wbyte] |= chain[8]
-                        if length > chain[4]:
+                    if chain[3] >= 0:
+                        # One or two runs (a blk read: data, then status).  A
+                        # run within one page has its log byte and bit from
+                        # the walk; mark() takes the rest (and clamps to the
+                        # log's end).
+                        w1 = chain[4]
+                        wbyte = chain[7]
+                        if 0 <= wbyte < logbytes:
+                            logbuf[wbyte] |= chain[8]
+                        else:
+                            mark(chain[3], length if length < w1 else w1)
+                        if length > w1:
                             wbyte = chain[9]
                             if 0 <= wbyte < logbytes:
                                 logbuf[wbyte] |= chain[10]
                             else:
-                                mark(chain[5], length - chain[4])
-                    elif chain[3] >= 0:
-                        # One or two runs (a blk read: data, then status),
-                        # each set inline when it stays within a page.
-                        wgpa = chain[3]
-                        n = length if length <= chain[4] else chain[4]
-                        page = wgpa >> PAGE_SHIFT
-                        if (wgpa + n - 1) >> PAGE_SHIFT == page and page < loglimit:
-                            logbuf[page >> 3] |= 1 << (page & 7)
-                        else:
-                            mark(wgpa, n)
-                        if length > n:
-                            wgpa, n = chain[5], length - n
-                            page = wgpa >> PAGE_SHIFT
-                            if (wgpa + n - 1) >> PAGE_SHIFT == page and page < loglimit:
-                                logbuf[page >> 3] |= 1 << (page & 7)
-                            else:
-                                mark(wgpa, n)
+                                mark(chain[5], length - w1)
                     else:
                         self._log_pieces(chain[6], length)
                 busy ^= chain[0]
