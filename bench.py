@@ -356,7 +356,8 @@ def run_vm(args):
              % ("python3", args.rounds, args.seconds, args.placement, name,
                 " --only %s" % args.only if args.only else ""))
     argv = [sys.executable, os.path.join(ROOT, "vm", "run"), "sh", "-c", inner]
-    note("device benchmarks in the VM: %d rounds x %s s x 2 modes" % (args.rounds, args.seconds))
+    note("device benchmarks in the VM: %d rounds x %s s x 2 modes, placement %s"
+         % (args.rounds, args.seconds, args.placement))
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT,
                          env=env, universal_newlines=True, errors="replace")
     out_dir = None
@@ -1032,12 +1033,10 @@ def _placement_table(head, head_rows, other, rows):
         if not o:
             continue
         _, key, digits = device_metric(row)
-        scale = 1 / 8 if key == "mbit" else 1
-        cells = []
-        for mode in ("direct", "shadow"):
-            a, b = o[mode].get(key), row[mode].get(key)
-            cells.append("%s -> %s" % (_fmt(a * scale if a is not None else None, digits),
-                                       _fmt(b * scale if b is not None else None, digits)))
+        scale = 1 / 8 if key == "mbit" else 1          # MB/s, as in the main table
+        cells = ["%s -> %s" % (_fmt(_scaled(o[mode], key, scale).get(key), digits),
+                               _fmt(_scaled(row[mode], key, scale).get(key), digits))
+                 for mode in ("direct", "shadow")]
         L.append("| %s | %s | %s | %s | %s |" % (
             _case_label(row), _fmt(ratios(o)[0], 2), _fmt(ratios(row)[0], 2), cells[0], cells[1]))
     return L
