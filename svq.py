@@ -19,6 +19,7 @@ ring, shadow virtqueue, event loop, built-in driver, CLI.
 """
 
 import argparse
+import array
 import bisect
 import ctypes
 import errno
@@ -403,23 +404,132 @@ class RingError(SvqError):
 
 
 # ============================================================================
-# Low-level helpers: memory barriers, eventfds, shared memory
+# Low-level helpers: native code, memory barriers, eventfds, shared memory
 # ============================================================================
 
-_IS_X86 = os.uname().machine in ("x86_64", "i686", "i386", "amd64")
-_fence_lock = threading.Lock()
+_MACHINE = os.uname().machine
+_IS_X86 = _MACHINE in ("x86_64", "i686", "i386", "amd64")
+_libc = None
 
 
-def smp_mb():
-    """Full memory barrier (store-load).  Taking and dropping a lock executes
-    a lock-prefixed read-modify-write (x86) or a barrier-ordered atomic
-    (elsewhere), which orders every earlier load and store before every later
-    one.  Needed wherever we write a flag or index and then read the peer's."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+def libc():
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+# Two things Python and its standard library cannot express: an atomic OR into
+# memory that other processes share (the vhost-user dirty log: QEMU clears its
+# bits while every vhost backend of the VM sets them, in the same bytes), and
+# a full memory barrier on a weakly ordered CPU.  Each is a few instructions,
+# kept here as machine code, copied into a page that is then made read-only
+# and executable, and called through ctypes.  Assembler source beside each.
+#
+#   or_bytes(block): block is an array of 64-bit words: base, limit, n, then
+#       n words w: if w >> 8 < limit, atomically base[w >> 8] |= w & 0xff
+#       (one pointer argument: each ctypes argument costs a conversion)
+#   fence(): a full barrier (store-load included)
+_NATIVE_CODE = {
+    "x86_64": (bytes.fromhex(
+        "488b5710"      # or_bytes: mov  rdx, [rdi+16]    n
+        "488b4f08"      #           mov  rcx, [rdi+8]     limit
+        "4889fe"        #           mov  rsi, rdi
+        "488b3f"        #           mov  rdi, [rdi]       base
+        "4885d2"        #           test rdx, rdx
+        "741f"          #           je   done
+        "488b4618"      # loop:     mov  rax, [rsi+24]    the next word
+        "440fb6c0"      #           movzx r8d, al         mask
+        "48c1e808"      #           shr  rax, 8           byte index
+        "4839c8"        #           cmp  rax, rcx
+        "7305"          #           jae  skip
+        "f044080407"    #           lock or byte [rdi+rax], r8b
+        "4883c608"      # skip:     add  rsi, 8
+        "48ffca"        #           dec  rdx
+        "75e1"          #           jne  loop
+        "c3"            # done:     ret
+        "0faef0"        # fence:    mfence
+        "c3"),          #           ret
+        0x33),
+    "aarch64": (b"".join(struct.pack("<I", w) for w in (
+        0xd5033bbf,     # or_bytes: dmb  ish              earlier stores first
+        0xa9400c01,     #           ldp  x1, x3, [x0]     base, limit
+        0xf9400802,     #           ldr  x2, [x0, #16]    n
+        0x91006000,     #           add  x0, x0, #24
+        0xb40001a2,     #           cbz  x2, done
+        0xf8408404,     # loop:     ldr  x4, [x0], #8
+        0x12001c85,     #           and  w5, w4, #0xff
+        0xd348fc84,     #           lsr  x4, x4, #8
+        0xeb03009f,     #           cmp  x4, x3
+        0x540000c2,     #           b.hs skip
+        0x8b040026,     #           add  x6, x1, x4
+        0x085f7cc7,     # retry:    ldxrb w7, [x6]
+        0x2a0500e7,     #           orr  w7, w7, w5
+        0x08087cc7,     #           stxrb w8, w7, [x6]
+        0x35ffffa8,     #           cbnz w8, retry
+        0xf1000442,     # skip:     subs x2, x2, #1
+        0x54fffea1,     #           b.ne loop
+        0xd5033bbf,     # done:     dmb  ish
+        0xd65f03c0,     #           ret
+        0xd5033bbf,     # fence:    dmb  ish
+        0xd65f03c0)),   #           ret
+        0x4c),
+}
+_NATIVE_CODE["amd64"] = _NATIVE_CODE["x86_64"]
+_NATIVE_CODE["arm64"] = _NATIVE_CODE["aarch64"]
+_native = None
+_native_error = None
+
+
+class _Native:
+    def __init__(self, code, fence_off):
+        PROT_RX = mmap.PROT_READ | mmap.PROT_EXEC
+        self.page = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE)
+        self.page[:len(code)] = code
+        addr = mmap_address(self.page)
+        lc = libc()
+        lc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        if lc.mprotect(addr, PAGE_SIZE, PROT_RX) != 0:
+            err = ctypes.get_errno()
+            self.page.close()
+            raise OSError(err, "mprotect(PROT_EXEC): %s" % os.strerror(err))
+        # CFUNCTYPE: the GIL is released around each call.
+        self.or_bytes = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(addr)
+        self.fence = ctypes.CFUNCTYPE(None)(addr + fence_off)
+
+
+def native():
+    """The native helpers, made on first use; None where this CPU or kernel
+    allows none (native_error() says why)."""
+    global _native, _native_error
+    if _native is None and _native_error is None:
+        code = _NATIVE_CODE.get(_MACHINE)
+        if code is None or struct.calcsize("P") != 8:
+            _native_error = "no native code for %s" % _MACHINE
+        else:
+            try:
+                _native = _Native(*code)
+            except (OSError, ValueError, AttributeError) as e:
+                _native_error = "cannot make executable memory (%s)" % e
+    return _native
+
+
+def native_error():
+    native()
+    return _native_error
 
 
 if _IS_X86:
+    _fence_lock = threading.Lock()
+
+    def smp_mb():
+        """Full memory barrier (store-load).  Taking a lock is a lock-prefixed
+        read-modify-write, which on x86 orders every earlier load and store
+        before every later one (and costs less than a ctypes call to mfence).
+        Needed wherever we write a flag or index and then read the peer's."""
+        _fence_lock.acquire()
+        _fence_lock.release()
+
     # x86-64 is TSO: stores are not reordered with stores, loads not with
     # loads.  Each struct call is an opaque C function call, so the compiler
     # cannot move our accesses across it either.  Only store-load needs a fence.
@@ -429,20 +539,32 @@ if _IS_X86:
     def smp_rmb():
         pass
 else:
+    # Weakly ordered (arm64): a lock round trip is an acquire and a release,
+    # which let an earlier store pass a later load, so every barrier is a
+    # real `dmb ish`, bound on first use.
+    def smp_mb():
+        global smp_mb, smp_wmb, smp_rmb
+        n = native()
+        if n is None:
+            raise SvqError("no memory barrier on %s: %s" % (_MACHINE, native_error()))
+        smp_mb = smp_wmb = smp_rmb = n.fence
+        n.fence()
+
     smp_wmb = smp_rmb = smp_mb
 
 
-_libc = None
+def check_barriers():
+    """Fail early, in one line, where the shadow rings would have no sound
+    memory barriers (a weakly ordered CPU without the native fence)."""
+    if not _IS_X86 and native() is None:
+        raise SvqError("no memory barrier on %s: %s" % (_MACHINE, native_error()))
 
 
 def eventfd():
     """A non-blocking, close-on-exec eventfd (os.eventfd is Python 3.10+)."""
     if hasattr(os, "eventfd"):
         return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fd = _libc.eventfd(0, 0o2000000 | 0o4000)   # EFD_CLOEXEC | EFD_NONBLOCK
+    fd = libc().eventfd(0, 0o2000000 | 0o4000)   # EFD_CLOEXEC | EFD_NONBLOCK
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -1099,40 +1221,102 @@ class GuestMemory:
                 r.mem.close()
 
 
+# Every page the device (or svq.py on its behalf) wrote is logged; tests flip
+# this in a copy of svq.py to show that they catch a backend that does not.
+LOG_DEVICE_WRITES = True
+
+
+def log_words(gpa, length):
+    """The log bits of pages [gpa, gpa+length): (words, inner) where each word
+    is byte index << 8 | bit mask, and inner is None or a range() of the
+    words of whole bytes in between (for a long run, kept as a range so that
+    a chain's log costs O(1) memory whatever its size)."""
+    if length <= 0:
+        return (), None
+    first = gpa >> PAGE_SHIFT
+    last = (gpa + length - 1) >> PAGE_SHIFT
+    fb, lb = first >> 3, last >> 3
+    low = 0xff & (0xff << (first & 7))      # bits first%8..7 of byte fb
+    high = (2 << (last & 7)) - 1            # bits 0..last%8 of byte lb
+    if fb == lb:
+        return (fb << 8 | (low & high),), None
+    if lb - fb <= 8:
+        return (fb << 8 | low,) + tuple(b << 8 | 0xff for b in range(fb + 1, lb)) \
+            + (lb << 8 | high,), None
+    return (fb << 8 | low, lb << 8 | high), range((fb + 1) << 8 | 0xff, lb << 8 | 0xff, 256)
+
+
 class DirtyLog:
     """One bit per 4 KiB guest page (vhost's log layout: bit n of byte n//8 is
-    page n).  The bitmap may be our own bytearray or the frontend's shared log.
-    Setting a bit is a plain read-modify-write: a concurrent clear by the
-    frontend can at worst leave a stale extra bit, never drop ours."""
+    page n), over our own bytearray or the frontend's shared log.
 
-    def __init__(self, size_bytes=None, buf=None):
+    mark() queues bits; commit() sets them.  The shadow queues commit only
+    after they have published what the bits stand for (the guest's used
+    index): a log reader clears a bit and then copies its page, so a bit set
+    before the write it stands for could be cleared, its page copied without
+    that write, and the write lost.  vhost logs after the used index too.
+
+    In a shared log (shared=True) each bit is set with an atomic OR (native
+    code): the frontend clears bits, and every other vhost backend of the VM
+    sets bits, in the same bytes at the same moment (QEMU shares one log
+    among its vhost devices), and a plain read-modify-write would drop
+    theirs.  Bits past the end of the log are dropped."""
+
+    def __init__(self, size_bytes=None, buf=None, shared=False):
         self.buf = buf if buf is not None else bytearray((size_bytes + 7) // 8)
-        self.limit = len(self.buf) * 8
+        self.size = len(self.buf)
+        self.limit = self.size * 8          # pages covered
+        self.pending = []                   # words to set (see log_words)
+        self.pending_runs = []              # range()s of words to set
+        self.shared = shared
+        if shared:
+            n = native()
+            if n is None:
+                raise SvqError("shared dirty log: no atomic OR: %s" % native_error())
+            self._or_bytes = n.or_bytes
+            view = (ctypes.c_char * 1).from_buffer(self.buf)
+            self._head = (ctypes.addressof(view), self.size)     # base, limit
+            del view                        # no export left behind
 
     def mark(self, gpa, length):
-        if length <= 0:
+        page = gpa >> PAGE_SHIFT
+        if length > 0 and (gpa + length - 1) >> PAGE_SHIFT == page:    # the common case
+            self.pending.append((page >> 3) << 8 | 1 << (page & 7))
             return
-        first = gpa >> PAGE_SHIFT
-        last = (gpa + length - 1) >> PAGE_SHIFT
-        if first == last and first < self.limit:      # the common case
-            self.buf[first >> 3] |= 1 << (first & 7)
+        words, inner = log_words(gpa, length)
+        self.pending.extend(words)
+        if inner is not None:
+            self.pending_runs.append(inner)
+
+    def commit(self):
+        """Set every queued bit (the caller has published the writes)."""
+        p, runs = self.pending, self.pending_runs
+        if runs:
+            for r in runs:
+                p.extend(r)
+            runs.clear()
+        if not p:
             return
-        if last >= self.limit:
-            last = self.limit - 1
-        if first > last:
-            return
-        # Bits first..last: a partial first byte, whole bytes, a partial last.
-        buf = self.buf
-        fb, lb = first >> 3, last >> 3
-        high = (2 << (last & 7)) - 1            # bits 0..last%8
-        low = 0xff & (0xff << (first & 7))      # bits first%8..7
-        if fb == lb:
-            buf[fb] |= low & high
-            return
-        buf[fb] |= low
-        if lb > fb + 1:
-            buf[fb + 1:lb] = b"\xff" * (lb - fb - 1)
-        buf[lb] |= high
+        if self.shared:
+            block = array.array("Q", self._head)
+            block.append(len(p))
+            block.extend(p)
+            self._or_bytes(block.buffer_info()[0])
+        else:
+            buf, size = self.buf, self.size
+            for w in p:
+                if w >> 8 < size:
+                    buf[w >> 8] |= w & 0xff
+        p.clear()
+
+    def close(self):
+        """Drop queued bits and let go of the buffer (before it is unmapped)."""
+        self.pending.clear()
+        self.pending_runs.clear()
+        self.buf = bytearray()
+        self.size = self.limit = 0
+        if self.shared:
+            self._head = (0, 0)             # a stray commit() sets nothing
 
     def pages(self):
         return [i * 8 + b for i, byte in enumerate(self.buf) if byte
@@ -1213,13 +1397,57 @@ def ring_write(view, num, size, pos, raw):
 # Shadow virtqueue
 # ============================================================================
 
+class BouncePool:
+    """Buffers of svq.py's own, mapped into the device's IOVA space (read and
+    write), that stand in for the buffers of a guest chain too long to be
+    shadowed descriptor by descriptor.  Carved first-fit in 512-byte units;
+    the caller (ShadowVirtqueue) owns nothing of it but its offsets."""
+
+    UNIT = 512
+    SIZE = 8 << 20          # a Linux guest's largest request is ~1.25 MiB
+
+    def __init__(self, mem, iova):
+        self.mem, self.mv, self.iova, self.size = mem, mem.mv, iova, mem.size
+        self.free = [(0, mem.size)]         # sorted (offset, size)
+
+    def alloc(self, n):
+        """Offset of n free bytes, or -1 while the pool is too busy."""
+        n = max(self.UNIT, -(-n // self.UNIT) * self.UNIT)
+        for i, (off, size) in enumerate(self.free):
+            if size >= n:
+                if size == n:
+                    del self.free[i]
+                else:
+                    self.free[i] = (off + n, size - n)
+                return off
+        return -1
+
+    def release(self, off, n):
+        n = max(self.UNIT, -(-n // self.UNIT) * self.UNIT)
+        free = self.free
+        i = bisect.bisect_left(free, (off, 0))
+        if i < len(free) and free[i][0] == off + n:     # merge with the next
+            n += free[i][1]
+            del free[i]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:   # and the previous
+            i -= 1
+            off, n = free[i][0], free[i][1] + n
+            del free[i]
+        free.insert(i, (off, n))
+
+
+VIRTQUEUE_MAX_SIZE = 1024       # longest chain accepted, flattened (QEMU's limit)
+INTERNAL = -2                   # desc_state of a request svq.py made itself
+
+
 class ShadowVirtqueue:
     """QEMU's VhostShadowVirtqueue, in Python.
 
     Guest side: the guest's split ring in guest memory; svq.py plays the device
     for it (reads avail, writes used, notifies through guest_call_fd).
     Device side: a shadow split ring in svq.py's own shared memory, mapped into
-    the device's IOVA space; svq.py plays the driver for it.
+    the device's IOVA space; svq.py plays the driver for it.  The shadow ring
+    may be larger than the guest's.
 
     Two layouts for the shadow descriptor table:
 
@@ -1234,18 +1462,36 @@ class ShadowVirtqueue:
       table per batch; a driver that rewrites its table pays a walk per chain.
     - copied (QEMU's layout): chains are copied into shadow descriptors taken
       from a private free list.  Needed when a chain cannot be mirrored: an
-      indirect table (flattened) or a buffer split across memory regions.  The
-      queue moves to it for good, once no request is in flight.
+      indirect table (flattened), a buffer split across memory regions, a
+      chain too long for the shadow ring (its buffers bounced), or a request
+      svq.py injects itself.  The queue moves to it for good, once no request
+      is in flight.
+
+    A chain of more than `max_chain` descriptors (half the shadow ring) is
+    bounced: its readable bytes are copied into one buffer of a BouncePool and
+    its writable part gets another, so that it takes two shadow descriptors;
+    on completion the writable buffer is copied back.  A Linux guest posts
+    such chains (indirect tables of seg_max + 2 entries, more than its queue
+    size), and a guest may.
 
     Everything needed to complete a chain is kept privately: nothing read back
     from shared memory (the device's or the guest's) is trusted as an index or
-    a length."""
+    a length.
+
+    Dirty log: every page of every writable buffer of a completed chain is
+    logged, whatever the used length says.  The virtio spec lets a device
+    write more than `len` bytes (2.7.8.2: "the device MAY write more than len
+    bytes"), virtio-blk drivers (Linux's among them) ignore `len` and read the
+    status byte at the end of the chain, and the vhost-user spec asks that
+    all modifications to the memory the descriptors point to be marked.  The
+    cost is nothing for blk (a read writes its buffers whole) and a page at
+    most for net (an RX buffer is one page or less)."""
 
     def __init__(self, index, guest_mem, guest_ring, shadow_ring, shadow_iova,
                  guest_features, device_features, guest_kick_fd, guest_call_fd,
                  device_kick_fd, device_call_fd, log=None, log_used_gpa=None,
                  guest_used_idx=0, last_avail_idx=0, shadow_base=0, stats=None,
-                 mirror=True):
+                 mirror=True, bounce=None, max_chain=None):
         self.index = index
         self.mem = guest_mem
         self.guest = guest_ring
@@ -1254,14 +1500,15 @@ class ShadowVirtqueue:
         self.num = guest_ring.num
         if shadow_ring.num < guest_ring.num:
             raise SvqError("shadow ring smaller than the guest ring")
-        self.snum = shadow_ring.num
+        self.snum = snum = shadow_ring.num
+        self.max_chain = max(2, snum // 2) if max_chain is None else max_chain
         self.guest_event_idx = bool(guest_features >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.guest_indirect = bool(guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
         self.device_event_idx = bool(device_features >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.guest_kick_fd, self.guest_call_fd = guest_kick_fd, guest_call_fd
         self.device_kick_fd, self.device_call_fd = device_kick_fd, device_call_fd
-        self.log = log
-        self.log_used_gpa = log_used_gpa        # GPA of the guest used ring (None: not logged)
+        self.bounce_factory = bounce            # () -> BouncePool, on first need
+        self.bounce = None
         # Guest side indexes.
         self.last_avail_idx = last_avail_idx & 0xffff
         self.guest_used_idx = guest_used_idx & 0xffff
@@ -1269,36 +1516,30 @@ class ShadowVirtqueue:
         self.shadow_avail_idx = shadow_base & 0xffff
         self.shadow_used_idx = shadow_base & 0xffff     # last used idx read from device
         self.last_used_idx = shadow_base & 0xffff
-        snum = self.snum
         self.free_head = 0
         self.num_free = snum
         self.desc_next = list(range(1, snum)) + [0]   # private free list
-        # desc_state, per shadow head: guest head (or -1 when free), the last
-        # slot of the chain, descriptor count, writable bytes offered.  The
-        # writable part, for the dirty log, as up to two GPA-contiguous runs
-        # (a blk read: data, then status): the first run's GPA (-2 when
-        # nothing is writable, -1 when there are more runs) and length, the
-        # second run's GPA (-2 when there is none).
+        # desc_state, per shadow head: the guest head (-1 when free, INTERNAL
+        # for svq.py's own requests); the last slot of the chain and its
+        # descriptor count (to splice it back into the free list); the
+        # writable bytes offered; the writable buffers as GPA-contiguous runs
+        # ((gpa, len), ...), for the log; the guest avail index it came from;
+        # its bounce buffer (offset, size, writable runs) or None.
         self.desc_state = [-1] * snum
         self.desc_last = [0] * snum
         self.desc_count = [0] * snum
         self.desc_wlen = [0] * snum
-        self.desc_wgpa = [-2] * snum
-        self.desc_w1len = [0] * snum
-        self.desc_w2gpa = [-2] * snum
-        # Per slot, for logging scattered writes: GPA (-1 if device-readable)
-        # and length of each shadow descriptor.
-        self.desc_gpa = [-1] * snum
-        self.desc_len = [0] * snum
+        self.desc_runs = [()] * snum
+        self.desc_pos = [0] * snum
+        self.desc_bounce = [None] * snum
         self.smask = snum - 1
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
-        # Mirrored layout.  A chain is a tuple (mask, count, wlen, wgpa, w1len,
-        # w2gpa, pieces, wbyte, wbit, w2byte, w2bit): the bit mask of its
-        # slots, then as desc_* above; when wgpa is -1 its writable buffers
-        # as (gpa, len) pairs; the dirty-log byte and bit of the first and
-        # the second writable run when it lies within one page (else -1).  _busy is
-        # the mask of the slots in flight; desc_chain, per head in flight, its
-        # chain; _chains, per head, the chain walked from _snap (None: not
+        # Mirrored layout.  A chain is a tuple (mask, count, wlen, runs, words,
+        # inner): the bit mask of its slots, its descriptor count, writable
+        # bytes and writable runs as above, and its log words (log_words(),
+        # found once per walk).  _busy is the mask of the slots in flight;
+        # desc_chain and chain_pos, per head in flight, its chain and avail
+        # index; _chains, per head, the chain walked from _snap (None: not
         # walked since the table changed).
         self.mirror = mirror
         self._switch_pending = False
@@ -1307,15 +1548,16 @@ class ShadowVirtqueue:
         self._chains = [None] * self.num
         self._no_chains = [None] * self.num
         self.desc_chain = [None] * snum
+        self.chain_pos = [0] * snum
         self._busy = 0
-        self.in_flight = 0
+        self.in_flight = 0                      # shadow requests, svq.py's own included
         self.broken = None
+        self.stopping = False                   # quiesced: take no new guest requests
+        self.injections = []                    # svq.py's own requests, waiting
         self.stats = stats if stats is not None else SvqStats()
-        # What add() needs, in one tuple: one attribute load per chain, not 15.
-        self._add_ctx = (guest_ring.desc, self.num, self.desc_next, self.desc_gpa, self.desc_len,
-                         shadow_ring.desc, _DESC.pack_into, _DESC.unpack_from, self.desc_state,
-                         self.desc_last, self.desc_count, self.desc_wlen, self.desc_wgpa,
-                         self.desc_w1len, self.desc_w2gpa, shadow_ring.avail16, self.smask)
+        self.log = self.wlog = None
+        self.log_used_gpa = None
+        self.set_log(log, log_used_gpa)
         # Start with device calls enabled and guest kicks enabled.
         self.guest.used16[0] = 0
         sa, su = self.shadow.avail16, self.shadow.used16
@@ -1326,11 +1568,25 @@ class ShadowVirtqueue:
         sa[self.shadow.used_event_i] = self.last_used_idx
         su[self.shadow.avail_event_i] = self.shadow_avail_idx
         self.guest.used16[self.guest.avail_event_i] = self.last_avail_idx
+        self._log_used_field(0)
+        self._log_used_field(self.guest.avail_event_i)
+        self._commit_log()
+
+    def set_log(self, log, used_gpa=None):
+        """Log into `log` from now on (None: stop logging); `used_gpa` is where
+        the guest used ring's writes are logged (None: they are not)."""
+        self.log = log
+        self.wlog = log if LOG_DEVICE_WRITES else None      # device-written data
+        self.log_used_gpa = used_gpa if log is not None else None
+
+    def _commit_log(self):
+        if self.log is not None:
+            self.log.commit()
 
     # -- notification helpers --
     def _log_used_field(self, word):
         """Our writes to the guest used ring's flags/avail_event dirty it too."""
-        if self.log is not None and self.log_used_gpa is not None:
+        if self.log_used_gpa is not None:
             self.log.mark(self.log_used_gpa + 2 * word, 2)
 
     def _guest_disable_kicks(self):
@@ -1361,141 +1617,253 @@ class ShadowVirtqueue:
             self.shadow.avail16[0] = 0
 
     def _fail(self, side, idx, what):
-        err = RingError(side, self.index, idx, what)
-        self.broken = str(err)     # the text: a traceback would pin ring views
-        raise err
+        self.broken = "%s ring vq %d index %d: %s" % (side, self.index, idx, what)
+        # Raised without a local name for it: a frame that held the exception
+        # while its traceback held the frame would be a cycle, and the views
+        # of guest memory in the frames would outlive the connection.
+        raise RingError(side, self.index, idx, what)
 
     # -- guest -> device --
-    def add(self, head):
-        """Copy the guest chain at `head` into the shadow ring.  Returns False
-        (nothing consumed) when the shadow ring has too few free descriptors."""
-        (table, table_n, desc_next, slot_gpa, slot_len, sdesc, pack_desc, unpack_desc,
-         desc_state, desc_last, desc_count, desc_wlen, desc_wgpa, desc_w1len, desc_w2gpa,
-         savail16, smask) = self._add_ctx
-        # Region of the previous buffer: most buffers of a chain share it.
-        hint_gpa, hint_end, hint_delta = self._hint
-        first = slot = self.free_head
-        last = last_flags = 0
-        avail = self.num_free
-        taken = wlen = wend = w2end = 0
-        wgpa = w2gpa = -2
-        seen_write = indirect = False
+    def _guest_chain(self, head):
+        """The guest chain at `head` as [(gpa, len, writable)], its indirect
+        table flattened, every virtio rule about its shape checked.  Its
+        buffers' bounds are checked where they are translated."""
+        idx = self.last_avail_idx
+        table, table_n = self.guest.desc, self.num
+        unpack = _DESC.unpack_from
+        bufs = []
+        append = bufs.append
         i = head
         hops = 0
+        seen_write = indirect = False
         while True:
             if i >= table_n:
-                self._fail("guest", self.last_avail_idx,
-                           "descriptor index %d out of range (head %d)" % (i, head))
-            addr, length, flags, nxt = unpack_desc(table, i << 4)
+                self._fail("guest", idx, "descriptor index %d out of range (head %d)" % (i, head))
+            addr, length, flags, nxt = unpack(table, i << 4)
             hops += 1
             if hops > table_n:
-                self._fail("guest", self.last_avail_idx,
-                           "descriptor chain from head %d loops or is longer than the ring" % head)
+                self._fail("guest", idx,
+                           "descriptor chain from head %d loops or is longer than its table" % head)
             if flags & VRING_DESC_F_INDIRECT:
                 table, table_n = self._indirect_table(addr, length, flags, indirect, head)
                 i, hops, indirect = 0, 0, True
                 continue
             write = flags & VRING_DESC_F_WRITE
-            end = addr + length
             if write:
                 seen_write = True
-                if wgpa == -2:
-                    wgpa, wend = addr, end
-                elif wgpa >= 0:
-                    if w2gpa == -2:
-                        if addr == wend:
-                            wend = end
-                        else:
-                            w2gpa, w2end = addr, end
-                    elif addr == w2end:
-                        w2end = end
-                    else:
-                        wgpa = -1           # a third run: log slot by slot
-                wlen += length
             elif seen_write:
-                self._fail("guest", self.last_avail_idx,
+                self._fail("guest", idx,
                            "device-readable descriptor after a writable one (head %d)" % head)
+            append((addr, length, write))
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if len(bufs) >= VIRTQUEUE_MAX_SIZE:
+                self._fail("guest", idx, "chain from head %d has more than %d descriptors"
+                           % (head, VIRTQUEUE_MAX_SIZE))
+            i = nxt
+        return bufs
+
+    def _indirect_table(self, addr, length, flags, nested, head):
+        idx = self.last_avail_idx
+        if nested or not self.guest_indirect:
+            self._fail("guest", idx, "indirect descriptor %s (head %d)"
+                       % ("nested" if nested else "not negotiated", head))
+        if length == 0 or length % 16 or flags & VRING_DESC_F_NEXT:
+            self._fail("guest", idx, "bad indirect table length %d (head %d)" % (length, head))
+        if length > VIRTQUEUE_MAX_SIZE * 16:
+            self._fail("guest", idx, "indirect table of %d descriptors (head %d); at most %d"
+                       % (length // 16, head, VIRTQUEUE_MAX_SIZE))
+        view = self.mem.view(addr, length)
+        if view is None:
+            self._fail("guest", idx,
+                       "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
+        return view, length // 16
+
+    def _region_of(self, addr, end, head):
+        """The region holding `addr` (the buffer [addr, end) may leave it)."""
+        r = self.mem.region(addr)
+        if r is None or r.iova is None or end > 0xffffffffffffffff:
+            self._fail("guest", self.last_avail_idx, "buffer [%#x, +%#x) outside guest memory "
+                       "(head %d)" % (addr, end - addr, head))
+        return r
+
+    def add(self, head):
+        """Copy the guest chain at `head` into the shadow ring.  Returns False
+        (nothing consumed) when the shadow ring (or the bounce pool) has too
+        little room for it now."""
+        bufs = self._guest_chain(head)
+        if len(bufs) > self.max_chain:
+            return self._add_bounced(head, bufs)
+        desc_next, sdesc, pack_desc = self.desc_next, self.shadow.desc, _DESC.pack_into
+        # Region of the previous buffer: most buffers of a chain share it.
+        hint_gpa, hint_end, hint_delta = self._hint
+        first = slot = self.free_head
+        last = 0
+        avail = self.num_free
+        taken = wlen = 0
+        runs = []
+        for addr, length, write in bufs:
+            end = addr + length
+            if write:
+                wlen += length
+                if runs and runs[-1][1] == addr:
+                    runs[-1][1] = end
+                else:
+                    runs.append([addr, end])
             if hint_gpa <= addr and end <= hint_end:
                 # Fast path: the whole buffer lies in the hinted region.
                 if taken == avail:
-                    return self._no_room(taken)
+                    return self._no_room(head, bufs)
                 nslot = desc_next[slot]
                 pack_desc(sdesc, slot << 4, addr + hint_delta, length,
                           write | VRING_DESC_F_NEXT, nslot)
-                if write:
-                    slot_gpa[slot] = addr
-                    slot_len[slot] = length
-                else:
-                    slot_gpa[slot] = -1
                 taken += 1
-                last, last_flags, slot = slot, write, nslot
-            else:
-                # Translate GPA -> IOVA region by region: one shadow descriptor
-                # per region the buffer crosses.
-                if end > 0xffffffffffffffff:
-                    self._fail("guest", self.last_avail_idx, "descriptor length overflows")
-                while True:
-                    r = self.mem.region(addr)
-                    if r is None or r.iova is None:
-                        self._fail("guest", self.last_avail_idx,
-                                   "buffer [%#x, +%#x) outside guest memory (head %d)"
-                                   % (addr, length, head))
-                    hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
-                    piece = min(end, hint_end) - addr
-                    if taken == avail:
-                        return self._no_room(taken)
-                    nslot = desc_next[slot]
-                    pack_desc(sdesc, slot << 4, addr + hint_delta, piece,
-                              write | VRING_DESC_F_NEXT, nslot)
-                    slot_gpa[slot] = addr if write else -1
-                    slot_len[slot] = piece
-                    taken += 1
-                    last, last_flags, slot = slot, write, nslot
-                    addr += piece
-                    if addr >= end:
-                        break
-                self._hint = (hint_gpa, hint_end, hint_delta)
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            i = nxt
-        if taken == 0:
-            self._fail("guest", self.last_avail_idx, "empty chain (head %d)" % head)
+                last, slot = slot, nslot
+                continue
+            # Translate GPA -> IOVA region by region: one shadow descriptor
+            # per region the buffer crosses.
+            while True:
+                r = self._region_of(addr, end, head)
+                hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
+                piece = min(end, hint_end) - addr
+                if taken == avail:
+                    return self._no_room(head, bufs)
+                nslot = desc_next[slot]
+                pack_desc(sdesc, slot << 4, addr + hint_delta, piece,
+                          write | VRING_DESC_F_NEXT, nslot)
+                taken += 1
+                last, slot = slot, nslot
+                addr += piece
+                if addr >= end:
+                    break
+            self._hint = (hint_gpa, hint_end, hint_delta)
         # Terminate the shadow chain: rewrite the last descriptor's flags.
-        _U16.pack_into(sdesc, (last << 4) + 12, last_flags)
-        self.free_head = slot
-        self.num_free = avail - taken
-        desc_state[first] = head
-        desc_last[first] = last
-        desc_count[first] = taken
-        desc_wlen[first] = wlen
-        desc_wgpa[first] = wgpa
-        desc_w1len[first] = wend - wgpa
-        desc_w2gpa[first] = w2gpa
-        sidx = self.shadow_avail_idx
-        savail16[2 + (sidx & smask)] = first
-        self.shadow_avail_idx = (sidx + 1) & 0xffff
-        self.in_flight += 1
+        _U16.pack_into(sdesc, (last << 4) + 12, bufs[-1][2])
+        self._claim(first, last, taken, head, wlen, tuple((a, e - a) for a, e in runs), None)
         return True
 
-    def _no_room(self, taken):
-        """The shadow ring is full: park the chain (False) unless it can never fit."""
-        if taken >= self.snum:
-            self._fail("guest", self.last_avail_idx,
-                       "chain needs more descriptors than the shadow ring has")
-        return False
+    def _no_room(self, head, bufs):
+        """The shadow ring is too full for the chain: it waits (False) for
+        room, unless even an empty ring is too small for it (its buffers
+        split at region boundaries): then it is bounced."""
+        if self.num_free < self.snum:
+            return False
+        return self._add_bounced(head, bufs)
 
-    def _indirect_table(self, addr, length, flags, nested, head):
-        if nested or not self.guest_indirect:
-            self._fail("guest", self.last_avail_idx, "indirect descriptor %s (head %d)"
-                       % ("nested" if nested else "not negotiated", head))
-        if length == 0 or length % 16 or flags & VRING_DESC_F_NEXT:
-            self._fail("guest", self.last_avail_idx,
-                       "bad indirect table length %d (head %d)" % (length, head))
-        view = self.mem.view(addr, length)
-        if view is None:
-            self._fail("guest", self.last_avail_idx,
-                       "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
-        return view, length // 16
+    def _claim(self, first, last, taken, head, wlen, runs, bounce):
+        """Take the shadow chain first..last off the free list and make it
+        available to the device."""
+        self.free_head = self.desc_next[last]
+        self.num_free -= taken
+        self.desc_state[first] = head
+        self.desc_last[first] = last
+        self.desc_count[first] = taken
+        self.desc_wlen[first] = wlen
+        self.desc_runs[first] = runs
+        self.desc_pos[first] = self.last_avail_idx
+        self.desc_bounce[first] = bounce
+        sidx = self.shadow_avail_idx
+        self.shadow.avail16[2 + (sidx & self.smask)] = first
+        self.shadow_avail_idx = (sidx + 1) & 0xffff
+        self.in_flight += 1
+
+    def _bounce_pool(self):
+        if self.bounce is None:
+            if self.bounce_factory is None:
+                self._fail("guest", self.last_avail_idx,
+                           "chain needs more descriptors than the shadow ring has")
+            self.bounce = self.bounce_factory()
+        return self.bounce
+
+    def _add_bounced(self, head, bufs, internal=None):
+        """A chain too long to shadow descriptor by descriptor (or svq.py's own
+        request, `internal` bytes): its readable bytes copied into one bounce
+        buffer, one more for its writable part."""
+        pool = self._bounce_pool()
+        if internal is None:
+            for addr, length, write in bufs:      # bounds, before anything is copied
+                end = addr + length
+                while addr < end:
+                    addr = min(end, self._region_of(addr, end, head).end)
+            rlen = sum(length for _, length, write in bufs if not write)
+            wlen = sum(length for _, length, write in bufs if write)
+        else:
+            rlen, wlen = len(internal), 0
+        if rlen + wlen > pool.size:
+            self._fail("guest", self.last_avail_idx, "chain of %d bytes is larger than the "
+                       "%d-byte bounce pool (head %d)" % (rlen + wlen, pool.size, head))
+        taken = max(1, (rlen > 0) + (wlen > 0))
+        if taken > self.num_free:
+            return False
+        off = pool.alloc(rlen + wlen)
+        if off < 0:
+            return False
+        mv, mem = pool.mv, self.mem
+        pos = off
+        runs = []
+        if internal is not None:
+            mv[off:off + rlen] = internal
+        else:
+            for addr, length, write in bufs:
+                if length:
+                    # The writable part gets the guest's bytes too, so that
+                    # the copy back leaves what the device did not write as
+                    # it was.
+                    mv[pos:pos + length] = mem.read(addr, length)
+                    pos += length
+                    if write:
+                        if runs and runs[-1][1] == addr:
+                            runs[-1][1] = addr + length
+                        else:
+                            runs.append([addr, addr + length])
+        runs = tuple((a, e - a) for a, e in runs)
+        first = slot = self.free_head
+        sdesc, pack_desc = self.shadow.desc, _DESC.pack_into
+        parts = [(off, rlen, 0), (off + rlen, wlen, VRING_DESC_F_WRITE)]
+        parts = [p for p in parts if p[1]] or parts[:1]     # all empty: one empty buffer
+        for k, (o, n, flags) in enumerate(parts):
+            nslot = self.desc_next[slot]
+            more = VRING_DESC_F_NEXT if k + 1 < len(parts) else 0
+            pack_desc(sdesc, slot << 4, pool.iova + o, n, flags | more, nslot)
+            last, slot = slot, nslot
+        self._claim(first, last, taken, INTERNAL if internal is not None else head, wlen, runs,
+                    (off, rlen + wlen, off + rlen))
+        self.stats.bounced += 1
+        return True
+
+    def _unbounce(self, bounce, runs):
+        """Copy a bounced chain's writable buffer back to the guest's buffers,
+        and give the pool its space back."""
+        pool = self.bounce
+        off, size, pos = bounce
+        mv, mem = pool.mv, self.mem
+        for gpa, n in runs:
+            mem.write(gpa, mv[pos:pos + n])
+            pos += n
+        pool.release(off, size)
+
+    def inject(self, data):
+        """Send a device-readable buffer of svq.py's own (a RARP announce on
+        a net TX queue); its completion goes nowhere.  In the mirrored layout
+        the queue first moves to the copied one, once nothing is in flight."""
+        self.injections.append(bytes(data))
+        if self.mirror:
+            self._switch_pending = True
+            if not self.in_flight:
+                self._enter_copy_mode()
+        self._send_injections()
+
+    def _send_injections(self):
+        if self.mirror or not self.injections or self.broken is not None:
+            return
+        start = self.shadow_avail_idx
+        while self.injections and self._add_bounced(-1, None, self.injections[0]):
+            self.injections.pop(0)
+        if self.shadow_avail_idx != start:
+            smp_wmb()
+            self.shadow.avail16[1] = self.shadow_avail_idx
+            smp_mb()
+            self.kick(start)
 
     # -- mirrored layout --
     def _walk(self, head, idx, busy):
@@ -1506,8 +1874,8 @@ class ShadowVirtqueue:
         in flight, which are never rewritten."""
         snap, num, sdesc = self._snap64, self.num, self.shadow.desc64
         hint_gpa, hint_end, hint_delta = self._hint
-        mask = count = wlen = wend = w2end = 0
-        wgpa = w2gpa = -2
+        mask = count = wlen = 0
+        runs = []
         seen_write = False
         i = head
         while True:
@@ -1541,23 +1909,13 @@ class ShadowVirtqueue:
                 self._hint = (hint_gpa, hint_end, hint_delta)
             if busy & bit:
                 self._fail("guest", idx, "descriptor %d of head %d is already in flight" % (i, head))
-            # Writable runs as in add(), inline there and here: per descriptor.
-            write = flags & VRING_DESC_F_WRITE
-            if write:
+            if flags & VRING_DESC_F_WRITE:
                 seen_write = True
-                if wgpa == -2:
-                    wgpa, wend = addr, end
-                elif wgpa >= 0:
-                    if w2gpa == -2:
-                        if addr == wend:
-                            wend = end
-                        else:
-                            w2gpa, w2end = addr, end
-                    elif addr == w2end:
-                        w2end = end
-                    else:
-                        wgpa = -1           # a third run: keep the pieces
                 wlen += length
+                if runs and runs[-1][1] == addr:
+                    runs[-1][1] = end
+                else:
+                    runs.append([addr, end])
             elif seen_write:
                 self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
                            % head)
@@ -1569,27 +1927,15 @@ class ShadowVirtqueue:
             if not flags & VRING_DESC_F_NEXT:
                 break
             i = word >> 48
-        pieces = None
-        if wgpa == -1:
-            # Three or more writable runs (rare): keep each writable buffer.
-            pieces, i = [], head
-            for _ in range(count):
-                addr, length, flags, i = _DESC.unpack_from(self._snap, i << 4)
-                if flags & VRING_DESC_F_WRITE:
-                    pieces.append((addr, length))
-            pieces = tuple(pieces)
-        # A writable run that lies within one page is logged on completion
-        # with one |=: its log byte and bit, found here once per walk.
-        wbyte = wbit = w2byte = w2bit = -1
-        if wgpa >= 0 and wend > wgpa and (wend - 1) >> PAGE_SHIFT == wgpa >> PAGE_SHIFT:
-            page = wgpa >> PAGE_SHIFT
-            wbyte, wbit = page >> 3, 1 << (page & 7)
-        if w2gpa >= 0 and w2end > w2gpa and (w2end - 1) >> PAGE_SHIFT == w2gpa >> PAGE_SHIFT:
-            page = w2gpa >> PAGE_SHIFT
-            w2byte, w2bit = page >> 3, 1 << (page & 7)
+        runs = tuple((a, e - a) for a, e in runs)
+        words, inner = [], []
+        for gpa, n in runs:
+            w, r = log_words(gpa, n)
+            words.extend(w)
+            if r is not None:
+                inner.append(r)
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, wgpa, wend - wgpa, w2gpa, pieces,
-                                      wbyte, wbit, w2byte, w2bit)
+        chain = self._chains[head] = (mask, count, wlen, runs, tuple(words), tuple(inner))
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -1607,26 +1953,26 @@ class ShadowVirtqueue:
             self._snap = table
             self._snap64 = memoryview(table).cast("Q")
             self._chains[:] = self._no_chains
-        chains, desc_chain, busy = self._chains, self.desc_chain, self._busy
+        chains, desc_chain, chain_pos, busy = self._chains, self.desc_chain, self.chain_pos, self._busy
         taken = nfree = 0
         for head in memoryview(raw).cast("H"):
+            pos = (start + taken) & 0xffff
             if head >= num:
-                self._fail("guest", (start + taken) & 0xffff, "avail head %d out of range" % head)
+                self._fail("guest", pos, "avail head %d out of range" % head)
             chain = chains[head]
             if chain is None:
-                chain = self._walk(head, (start + taken) & 0xffff, busy)
+                chain = self._walk(head, pos, busy)
                 if chain is None:
-                    if self.in_flight + taken:
-                        self._switch_pending = True
-                    else:
+                    self._switch_pending = True
+                    if not (self.in_flight + taken):
                         self._enter_copy_mode()
                     break
             m = chain[0]
             if busy & m:
-                self._fail("guest", (start + taken) & 0xffff,
-                           "head %d reuses descriptors already in flight" % head)
+                self._fail("guest", pos, "head %d reuses descriptors already in flight" % head)
             busy |= m
             desc_chain[head] = chain
+            chain_pos[head] = pos
             nfree += chain[1]
             taken += 1
         self._busy = busy
@@ -1649,13 +1995,13 @@ class ShadowVirtqueue:
 
     def _get_mirrored(self, count):
         """Move `count` used entries to the guest (mirrored layout: each goes
-        back as the device wrote it, once checked) and log what was written."""
+        back as the device wrote it, once checked) and queue the log of what
+        was written."""
         start = self.last_used_idx
         raw = ring_read(self.shadow.used, self.snum, 8, start, count)
-        desc_chain, smask, log = self.desc_chain, self.smask, self.log
+        desc_chain, smask, log = self.desc_chain, self.smask, self.wlog
         if log is not None:
-            logbuf, mark = log.buf, log.mark
-            logbytes = len(logbuf)
+            words, inner = log.pending, log.pending_runs
         busy = self._busy
         k = nfree = 0
         ents = memoryview(raw).cast("I")
@@ -1668,26 +2014,10 @@ class ShadowVirtqueue:
                 if length > chain[2]:
                     self._fail("device", (start + k) & 0xffff,
                                "used length %d beyond the %d writable bytes" % (length, chain[2]))
-                if log is not None and length:
-                    if chain[3] >= 0:
-                        # One or two runs (a blk read: data, then status).  A
-                        # run within one page has its log byte and bit from
-                        # the walk; mark() takes the rest (and clamps to the
-                        # log's end).
-                        w1 = chain[4]
-                        wbyte = chain[7]
-                        if 0 <= wbyte < logbytes:
-                            logbuf[wbyte] |= chain[8]
-                        else:
-                            mark(chain[3], length if length < w1 else w1)
-                        if length > w1:
-                            wbyte = chain[9]
-                            if 0 <= wbyte < logbytes:
-                                logbuf[wbyte] |= chain[10]
-                            else:
-                                mark(chain[5], length - w1)
-                    else:
-                        self._log_pieces(chain[6], length)
+                if log is not None:
+                    words.extend(chain[4])
+                    if chain[5]:
+                        inner.extend(chain[5])
                 busy ^= chain[0]
                 desc_chain[sid] = None
                 nfree += chain[1]
@@ -1699,6 +2029,7 @@ class ShadowVirtqueue:
             self.last_used_idx = (start + k) & 0xffff
         ring_write(self.guest.used, self.num, 8, self.guest_used_idx, raw)
         self.guest_used_idx = (self.guest_used_idx + count) & 0xffff
+        return count
 
     def forward_avail(self):
         """Drain the guest avail ring into the shadow ring (again while the
@@ -1706,53 +2037,57 @@ class ShadowVirtqueue:
         suppressed that.  True if anything was added.  Stops early (parks)
         when the shadow ring is full, or while the queue waits to leave the
         mirrored layout."""
-        if self._switch_pending:
+        if self._switch_pending or self.stopping:
             return False
         start = self.shadow_avail_idx
         avail16 = self.guest.avail16
         mask = self.num - 1
-        while True:
-            self._guest_disable_kicks()
-            avail_idx = avail16[1]
-            # Read barrier: the avail index before the ring entries it covers.
-            smp_rmb()
-            pending = (avail_idx - self.last_avail_idx) & 0xffff
-            if pending > self.num:
-                self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
-                           % (pending, self.num))
-            parked = False
-            while self.last_avail_idx != avail_idx:
-                if self.mirror:
-                    self._add_mirrored(avail_idx)
-                    if self._switch_pending:
+        try:
+            while True:
+                self._guest_disable_kicks()
+                avail_idx = avail16[1]
+                # Read barrier: the avail index before the ring entries it covers.
+                smp_rmb()
+                pending = (avail_idx - self.last_avail_idx) & 0xffff
+                if pending > self.num:
+                    self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
+                               % (pending, self.num))
+                parked = False
+                while self.last_avail_idx != avail_idx:
+                    if self.mirror:
+                        self._add_mirrored(avail_idx)
+                        if self._switch_pending:
+                            parked = True
+                            break
+                        continue
+                    head = avail16[2 + (self.last_avail_idx & mask)]
+                    if head >= self.num:
+                        self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
+                    if not self.add(head):
                         parked = True
                         break
-                    continue
-                head = avail16[2 + (self.last_avail_idx & mask)]
-                if head >= self.num:
-                    self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
-                if not self.add(head):
-                    parked = True
+                    self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
+                # Write barrier: descriptors and avail entries before the avail
+                # index.
+                smp_wmb()
+                self.shadow.avail16[1] = self.shadow_avail_idx
+                if parked:
+                    # Guest kicks stay off: the device's used entries resume us.
+                    self.stats.parked += 1
+                    smp_mb()            # as kick(): avail index before NO_NOTIFY
                     break
-                self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
-            # Write barrier: descriptors and avail entries before the avail
-            # index.
-            smp_wmb()
-            self.shadow.avail16[1] = self.shadow_avail_idx
-            if parked:
-                # Guest kicks stay off: the device's used entries resume us.
-                self.stats.parked += 1
-                smp_mb()            # as kick(): avail index before NO_NOTIFY
-                break
-            self._guest_arm_kicks()
-            # Full barrier, for two store-load pairs at once: the shadow avail
-            # index before the device's NO_NOTIFY/avail_event (read below,
-            # to decide on the kick), and the re-armed guest kicks before the
-            # guest avail index (a guest that read the old flag and skipped
-            # its kick would strand a buffer).
-            smp_mb()
-            if avail16[1] == self.last_avail_idx:
-                break
+                self._guest_arm_kicks()
+                # Full barrier, for two store-load pairs at once: the shadow avail
+                # index before the device's NO_NOTIFY/avail_event (read below,
+                # to decide on the kick), and the re-armed guest kicks before the
+                # guest avail index (a guest that read the old flag and skipped
+                # its kick would strand a buffer).
+                smp_mb()
+                if avail16[1] == self.last_avail_idx:
+                    break
+        finally:
+            # Our used-ring flag/avail_event writes, now that they are stored.
+            self._commit_log()
         if self.shadow_avail_idx == start:
             return False
         self.kick(start)
@@ -1783,79 +2118,81 @@ class ShadowVirtqueue:
         sused16 = self.shadow.used16
         start = self.guest_used_idx
         self._device_disable_calls()
-        while True:
-            used_idx = sused16[1]
-            # Read barrier: the used index before the entries it publishes.
-            smp_rmb()
-            count = (used_idx - self.last_used_idx) & 0xffff
-            if count > self.in_flight:
-                self._fail("device", used_idx, "used index moved by %d with %d requests in flight"
-                           % (count, self.in_flight))
-            if count:
-                old_used = self.guest_used_idx
-                if self.mirror:
-                    self._get_mirrored(count)
-                else:
-                    self._get_copied(used_idx)
-                if self.log is not None:
-                    self._log_used_ring(old_used, count)
-                # Write barrier: used entries (and their log) before the used
-                # index the guest polls.
-                smp_wmb()
-                self.guest.used16[1] = self.guest_used_idx
-            self._device_arm_calls()
-            # Full barrier, for two store-load pairs at once: the guest used
-            # index before the guest's suppression flag/used_event (read
-            # below, to decide on the call), and the re-armed device calls
-            # before the device's used index (did it add entries while calls
-            # were off?).
-            smp_mb()
-            if sused16[1] == self.last_used_idx:
-                break
-            self._device_disable_calls()
+        try:
+            while True:
+                used_idx = sused16[1]
+                # Read barrier: the used index before the entries it publishes.
+                smp_rmb()
+                count = (used_idx - self.last_used_idx) & 0xffff
+                if count > self.in_flight:
+                    self._fail("device", used_idx, "used index moved by %d with %d requests "
+                               "in flight" % (count, self.in_flight))
+                if count:
+                    old_used = self.guest_used_idx
+                    n = self._get_mirrored(count) if self.mirror else self._get_copied(used_idx)
+                    if n:
+                        # Write barrier: used entries (and the buffers copied
+                        # back) before the used index the guest polls.
+                        smp_wmb()
+                        self.guest.used16[1] = self.guest_used_idx
+                        self._log_used_ring(old_used, n)
+                self._device_arm_calls()
+                # Full barrier, for two store-load pairs at once: the guest used
+                # index before the guest's suppression flag/used_event (read
+                # below, to decide on the call), and the re-armed device calls
+                # before the device's used index (did it add entries while calls
+                # were off?).
+                smp_mb()
+                if sused16[1] == self.last_used_idx:
+                    break
+                self._device_disable_calls()
+        finally:
+            # The log, now that the used index it covers is stored (and after
+            # the barrier above): see DirtyLog.
+            self._commit_log()
         if self._switch_pending and not self.in_flight:
             self._enter_copy_mode()
+            self._send_injections()
         moved = (self.guest_used_idx - start) & 0xffff
         if moved:
             self._call_guest(start)
         return moved
 
     def _get_copied(self, used_idx):
-        """Copied layout: move the used entries up to `used_idx`.  QEMU's
-        vhost_svq_get_buf, inlined with its state in locals: this loop is the
-        per-request hot path."""
+        """Copied layout: move the used entries up to `used_idx`; returns how
+        many went to the guest.  QEMU's vhost_svq_get_buf, inlined with its
+        state in locals: this loop is the per-request hot path."""
         sused, gused = self.shadow.used, self.guest.used
         smask, gmask = self.smask, self.num - 1
-        desc_state, desc_wlen, desc_wgpa = self.desc_state, self.desc_wlen, self.desc_wgpa
-        desc_w1len, desc_w2gpa = self.desc_w1len, self.desc_w2gpa
+        desc_state, desc_wlen, desc_runs = self.desc_state, self.desc_wlen, self.desc_runs
+        desc_bounce = self.desc_bounce
         desc_next, desc_last, desc_count = self.desc_next, self.desc_last, self.desc_count
         unpack_used, pack_used = _USED_ELEM.unpack_from, _USED_ELEM.pack_into
-        log = self.log
-        gidx = self.guest_used_idx
+        log = self.wlog
+        mark = log.mark if log is not None else None
+        gidx = start = self.guest_used_idx
         last_used = self.last_used_idx
         free_head, num_free, in_flight = self.free_head, self.num_free, self.in_flight
         try:
             while last_used != used_idx:
                 sid, length = unpack_used(sused, 4 + ((last_used & smask) << 3))
-                if sid > smask or desc_state[sid] < 0:
+                if sid > smask or desc_state[sid] == -1:
                     self._fail("device", last_used, "used id %d was never made available" % sid)
                 if length > desc_wlen[sid]:
                     self._fail("device", last_used, "used length %d beyond the %d writable bytes"
                                % (length, desc_wlen[sid]))
-                if log is not None and length:
-                    # The device wrote `length` bytes from the start of the
-                    # writable part: log them run by run.
-                    wgpa = desc_wgpa[sid]
-                    if wgpa >= 0:
-                        w1 = desc_w1len[sid]
-                        if length <= w1:
-                            log.mark(wgpa, length)
-                        else:
-                            log.mark(wgpa, w1)
-                            log.mark(desc_w2gpa[sid], length - w1)
-                    else:
-                        self._log_scattered(sid, length, desc_count[sid])
-                pack_used(gused, 4 + ((gidx & gmask) << 3), desc_state[sid], length)
+                head = desc_state[sid]
+                if desc_bounce[sid] is not None:
+                    if self.bounce is None:
+                        self._fail("device", last_used, "bounced request without a pool")
+                    self._unbounce(desc_bounce[sid], desc_runs[sid])
+                    desc_bounce[sid] = None
+                if mark is not None:
+                    for gpa, n in desc_runs[sid]:
+                        mark(gpa, n)
+                if head != INTERNAL:
+                    pack_used(gused, 4 + ((gidx & gmask) << 3), head, length)
+                    gidx = (gidx + 1) & 0xffff
                 # Return the chain to the private free list in one splice.
                 desc_next[desc_last[sid]] = free_head
                 free_head = sid
@@ -1863,32 +2200,10 @@ class ShadowVirtqueue:
                 desc_state[sid] = -1
                 in_flight -= 1
                 last_used = (last_used + 1) & 0xffff
-                gidx = (gidx + 1) & 0xffff
         finally:
             self.last_used_idx, self.guest_used_idx = last_used, gidx
             self.free_head, self.num_free, self.in_flight = free_head, num_free, in_flight
-
-    def _log_pieces(self, pieces, length):
-        """Log `length` written bytes over writable (gpa, len) buffers, in order."""
-        for gpa, n in pieces:
-            n = min(length, n)
-            self.log.mark(gpa, n)
-            length -= n
-            if not length:
-                return
-
-    def _log_scattered(self, sid, length, count):
-        """Log `length` written bytes over a chain's writable descriptors, in order."""
-        slot = sid
-        for _ in range(count):
-            gpa = self.desc_gpa[slot]
-            if gpa >= 0:
-                n = min(length, self.desc_len[slot])
-                self.log.mark(gpa, n)
-                length -= n
-                if not length:
-                    return
-            slot = self.desc_next[slot]
+        return (gidx - start) & 0xffff
 
     def _log_used_ring(self, first, count):
         """Log the guest used-ring entries [first, first+count) and its index."""
@@ -1924,16 +2239,74 @@ class ShadowVirtqueue:
     def avail_pending(self):
         """Guest entries not forwarded yet, with room to forward them (not
         waiting to leave the mirrored layout)."""
-        return (not self._switch_pending and self.num_free > 0
+        return (not self._switch_pending and not self.stopping and self.num_free > 0
                 and self.last_avail_idx != self.guest.avail16[1])
+
+    # -- stopping --
+    def in_flight_requests(self):
+        """Guest requests in flight: [(avail index, shadow head)], oldest first."""
+        if self.mirror:
+            out = [(self.chain_pos[h], h) for h in range(self.snum) if self.desc_chain[h] is not None]
+        else:
+            out = [(self.desc_pos[h], h) for h in range(self.snum) if self.desc_state[h] >= 0]
+        return sorted(out, key=lambda e: (e[0] - self.last_avail_idx) & 0xffff)
+
+    def restart_index(self):
+        """Where a restarted queue takes the next guest request from, once the
+        device is stopped: requests in flight that are the last ones taken
+        (in avail order) are handed back (rewound, the device never
+        completed them); any other one is completed with an error
+        (complete_with_error), since one index cannot express a gap.
+        Returns (index, rewound, failed)."""
+        reqs = self.in_flight_requests()
+        k = 0
+        for pos, _ in reversed(reqs):
+            if pos != (self.last_avail_idx - k - 1) & 0xffff:
+                break
+            k += 1
+        failed = reqs[:len(reqs) - k]
+        return (self.last_avail_idx - k) & 0xffff, k, failed
+
+    def complete_with_error(self, heads, blk):
+        """Give requests back to the guest as failed, with nothing written but
+        (blk) an I/O error status in the chain's last writable byte; their
+        shadow descriptors are not reused (the queue is being torn down)."""
+        gidx = start = self.guest_used_idx
+        for h in heads:
+            if self.mirror:
+                chain, head = self.desc_chain[h], h
+                runs = chain[3]
+                self.desc_chain[h] = None
+            else:
+                head, runs = self.desc_state[h], self.desc_runs[h]
+                self.desc_state[h] = -1
+            length = 0
+            if blk and runs:
+                gpa, n = runs[-1]
+                self.mem.write(gpa + n - 1, bytes([VIRTIO_BLK_S_IOERR]))
+                if self.wlog is not None:
+                    self.wlog.mark(gpa + n - 1, 1)
+                length = 1
+            _USED_ELEM.pack_into(self.guest.used, 4 + ((gidx & (self.num - 1)) << 3), head, length)
+            gidx = (gidx + 1) & 0xffff
+            self.in_flight -= 1
+        if gidx != start:
+            self.guest_used_idx = gidx
+            smp_wmb()
+            self.guest.used16[1] = gidx
+            self._log_used_ring(start, (gidx - start) & 0xffff)
+            self._commit_log()
+            smp_mb()
+            self._call_guest(start)
 
 
 class SvqStats:
-    __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked", "walks")
+    __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked", "walks",
+                 "bounced")
 
     def __init__(self):
         self.guest_kicks = self.device_kicks = self.device_calls = 0
-        self.guest_calls = self.parked = self.walks = 0
+        self.guest_calls = self.parked = self.walks = self.bounced = 0
 
 
 # ============================================================================
@@ -2633,6 +3006,7 @@ class BuiltinRun:
         return fd
 
     def _setup(self, queue_size, size, write, indirect, event_idx, opener):
+        check_barriers()
         self.dev = dev = VdpaDevice(self.path, opener)
         if dev.device_id not in (VIRTIO_ID_NET, VIRTIO_ID_BLOCK):
             raise SvqError("%s: device type %d is not supported by the built-in driver "
@@ -2720,9 +3094,14 @@ class BuiltinRun:
                               guest_features, device_features, dq.kick_fd, dq.call_fd,
                               dkick, dcall, log=self.log, log_used_gpa=dq.used_gpa,
                               guest_used_idx=base, last_avail_idx=base, shadow_base=base,
-                              stats=self.svq_stats)
+                              stats=self.svq_stats, bounce=self._bounce_pool)
         dev.setup_vq(vq, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall, base)
         return svq
+
+    def _bounce_pool(self):
+        smem = SharedMemory(BouncePool.SIZE)
+        self.shadow_mems.append(smem)
+        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
 
     # -- running --
     #
@@ -3609,8 +3988,8 @@ class VhostUserConnection:
         logging = self.dirty is not None and self.features >> VHOST_F_LOG_ALL & 1
         for v in self.vrings:
             if v.svq is not None:
-                v.svq.log = self.dirty if logging else None
-                v.svq.log_used_gpa = v.addr[4] if v.addr[0] & (1 << VHOST_VRING_F_LOG) else None
+                v.svq.set_log(self.dirty if logging else None,
+                              v.addr[4] if v.addr[0] & (1 << VHOST_VRING_F_LOG) else None)
 
     # -- device lifecycle --
     def _stop_if_running(self, v, changed, what="reconfigured"):
