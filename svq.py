@@ -1147,14 +1147,15 @@ class VdpaDevice:
 # ============================================================================
 
 class GuestRegion:
-    __slots__ = ("gpa", "size", "end", "uaddr", "mem", "mv", "hva", "iova", "owned")
+    __slots__ = ("gpa", "size", "end", "uaddr", "mem", "mv", "hva", "iova", "owned", "ident")
 
-    def __init__(self, gpa, size, mem, uaddr=None, owned=True):
+    def __init__(self, gpa, size, mem, uaddr=None, owned=True, ident=None):
         self.gpa, self.size, self.end = gpa, size, gpa + size
         self.uaddr = gpa if uaddr is None else uaddr   # frontend's own address
         self.mem, self.mv, self.hva = mem, mem.mv, mem.hva
         self.iova = None                               # set once mapped
         self.owned = owned
+        self.ident = ident          # (st_dev, st_ino, offset) of a frontend's file
 
 
 class GuestMemory:
@@ -2321,6 +2322,8 @@ class EventLoop:
         self.sel = selectors.DefaultSelector()
         self.stop_signal = None
         self.stopped = False
+        self.child_exited = False
+        self.on_child = None
         self._wake = None
         self._old = {}
 
@@ -2333,7 +2336,9 @@ class EventLoop:
         except (KeyError, ValueError):
             pass
 
-    def install_signals(self):
+    def install_signals(self, on_child=None):
+        """SIGINT/SIGTERM stop the loop; with `on_child`, SIGCHLD calls it
+        (from the loop, not from the signal handler)."""
         if threading.current_thread() is not threading.main_thread():
             return
         r, w = socket.socketpair()
@@ -2343,11 +2348,26 @@ class EventLoop:
         self._old["wakeup"] = signal.set_wakeup_fd(w.fileno())
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._old[sig] = signal.signal(sig, self._on_signal)
+        if on_child is not None:
+            self.on_child = on_child
+            self._old[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child)
         self.add_reader(r.fileno(), self._drain_wake)
 
     def _on_signal(self, signum, frame):
         self.stop_signal = signum
         self.stopped = True
+
+    def _on_child(self, signum, frame):
+        self.child_exited = True
+
+    def abandon(self):
+        """In a forked child: drop this loop without touching what it shares
+        with the parent (the epoll instance, the signal handlers)."""
+        self.sel.close()            # closes our copy of the epoll fd only
+        if self._wake:
+            for s in self._wake:
+                s.close()
+        self._wake, self._old = None, {}
 
     def _drain_wake(self):
         try:
@@ -2372,6 +2392,9 @@ class EventLoop:
                 key.data()
                 if self.stopped:
                     break
+            if self.child_exited:
+                self.child_exited = False
+                self.on_child()
             if tick and time.monotonic() >= next_tick:
                 tick()
                 next_tick = time.monotonic() + tick_interval
@@ -3469,17 +3492,34 @@ def format_info(info):
 # A vhost-user frontend (QEMU, cloud-hypervisor, crosvm, DPDK virtio-user)
 # hands us its memory and its rings; each ring becomes the guest side of a
 # ShadowVirtqueue whose device side is a shadow ring of the vDPA device.
-# Because svq.py writes the frontend's used rings and sees every length the
-# device reports, it can offer VHOST_F_LOG_ALL, which vhost-vdpa cannot.
+# Because svq.py writes the frontend's used rings and sees every buffer the
+# device may write, it can offer VHOST_F_LOG_ALL, which vhost-vdpa cannot.
 #
 # Lifecycle.  The device runs ("started") only while every queue the device
-# type needs (net: 0 and 1, blk: 0) is ready: num, addresses, kick fd, and
-# enabled.  Any change to a running queue's set-up, the memory table or the
-# non-logging features stops the device: suspend (or drain and reset), move
-# what the device finished into the frontend's used rings, rewind requests
-# still in flight, reset, unmap everything.  It restarts from those indexes
-# as soon as the queues are ready again.  The IOVA map is empty whenever the
-# device is stopped, so a reset never leaves stale IOTLB entries behind.
+# type needs (net: 0 and 1, blk: 0) is ready (num, addresses, kick fd,
+# enabled) and, with PROTOCOL_F_STATUS, the frontend has set DRIVER_OK.  Any
+# change to a running queue's set-up, the memory table or the non-logging
+# features, GET_VRING_BASE, and SET_STATUS without DRIVER_OK (QEMU stops a
+# device with SET_STATUS(0), then asks each ring's base) stop it: take no
+# new guest request, let those in flight complete (drain), suspend, move
+# what the device finished into the frontend's used rings, reset, unmap.
+# The ring state (sizes, addresses, fds and the index to restart from)
+# survives a stop: only RESET_DEVICE, RESET_OWNER and SET_VRING_BASE change
+# it.  The device restarts from there as soon as the queues are ready
+# again.  The IOVA map is empty whenever the device is stopped, so a reset
+# never leaves stale IOTLB entries behind.
+#
+# Guest memory is mapped at IOVA = GPA; the shadow rings and bounce buffers
+# get IOVAs outside guest memory.
+#
+# Isolation.  `svq.py serve` runs each connection in a worker process of its
+# own (fork).  A frontend that shrinks a memory file it shared makes the next
+# access to it raise SIGBUS, which Python cannot survive (a handler cannot
+# return into the faulting copy); the worker dies, the kernel resets the
+# device as its fd closes, and the server, which never maps frontend
+# memory, logs it and serves the next frontend.  libvhost-user and DPDK
+# share the frontend's fate there; a frontend that seals its memory
+# (F_SEAL_SHRINK, as QEMU's memory-backend-memfd does) cannot do it at all.
 
 VHOST_USER_GET_FEATURES = 1
 VHOST_USER_SET_FEATURES = 2
@@ -3499,6 +3539,7 @@ VHOST_USER_GET_PROTOCOL_FEATURES = 15
 VHOST_USER_SET_PROTOCOL_FEATURES = 16
 VHOST_USER_GET_QUEUE_NUM = 17
 VHOST_USER_SET_VRING_ENABLE = 18
+VHOST_USER_SEND_RARP = 19
 VHOST_USER_GET_CONFIG = 24
 VHOST_USER_SET_CONFIG = 25
 VHOST_USER_RESET_DEVICE = 34
@@ -3509,6 +3550,7 @@ VU_REQUEST_NAMES = {v: k[11:] for k, v in globals().items() if k.startswith("VHO
 VHOST_USER_F_PROTOCOL_FEATURES = 30
 VHOST_USER_PROTOCOL_F_MQ = 0
 VHOST_USER_PROTOCOL_F_LOG_SHMFD = 1
+VHOST_USER_PROTOCOL_F_RARP = 2
 VHOST_USER_PROTOCOL_F_REPLY_ACK = 3
 VHOST_USER_PROTOCOL_F_CONFIG = 9
 VHOST_USER_PROTOCOL_F_RESET_DEVICE = 13
@@ -3518,10 +3560,6 @@ PROTOCOL_FEATURE_NAMES = {0: "MQ", 1: "LOG_SHMFD", 2: "RARP", 3: "REPLY_ACK", 4:
                           8: "PAGEFAULT", 9: "CONFIG", 10: "BACKEND_SEND_FD",
                           11: "HOST_NOTIFIER", 12: "INFLIGHT_SHMFD", 13: "RESET_DEVICE",
                           14: "INBAND_NOTIFICATIONS", 15: "CONFIGURE_MEM_SLOTS", 16: "STATUS"}
-VU_PROTOCOL_FEATURES = sum(1 << b for b in (
-    VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_LOG_SHMFD, VHOST_USER_PROTOCOL_F_REPLY_ACK,
-    VHOST_USER_PROTOCOL_F_CONFIG, VHOST_USER_PROTOCOL_F_RESET_DEVICE,
-    VHOST_USER_PROTOCOL_F_STATUS))
 
 VU_FLAG_VERSION = 0x1
 VU_FLAG_REPLY = 0x4
@@ -3533,7 +3571,10 @@ VU_MAX_REGIONS = 8
 VU_MAX_PAYLOAD = 4096
 VU_CONFIG_MAX = 256
 VU_LOG_MAX = 1 << 40              # bytes of dirty bitmap: 4 PiB of guest memory
-VU_IO_TIMEOUT = 5.0               # a frontend may not stall us mid-message longer
+VU_IO_TIMEOUT = 5.0               # a frontend may not leave a message half sent longer
+VU_DRAIN_SECONDS = 5.0            # requests in flight get this long to complete at a stop
+VU_SHADOW_MAX = 1024              # shadow rings: the device's maximum, up to this
+ETH_P_RARP = 0x8035
 
 _VU_HDR = struct.Struct("<III")            # request, flags, size
 _VU_STATE = struct.Struct("<II")           # vring state: index, num
@@ -3569,6 +3610,45 @@ def _map_fd(fd, size, offset, what):
         return SharedMemory(size, fd=fd, offset=offset)
     except (OSError, ValueError, OverflowError) as e:
         raise ProtocolError("%s: mmap: %s" % (what, e)) from None
+
+
+def _file_id(fd):
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _event_fd(fd, what):
+    """Check that a frontend's notification fd is an eventfd and make it
+    non-blocking: a pipe, a socket or a blocking eventfd could block the
+    whole server in read() or write(), and writing a call into a memory
+    file would corrupt it.  (The frontends in use, QEMU, DPDK and
+    cloud-hypervisor, pass non-blocking eventfds already.)"""
+    try:
+        st = os.fstat(fd)
+        kind = None
+        try:
+            kind = os.readlink("/proc/self/fd/%d" % fd)
+        except OSError:
+            pass                    # no /proc (an initramfs): the inode type must do
+        if stat.S_IFMT(st.st_mode) != 0 or kind not in (None, "anon_inode:[eventfd]"):
+            raise ProtocolError("%s: fd is not an eventfd (%s)" % (
+                what, kind or "mode %#o" % st.st_mode))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+    except OSError as e:
+        raise ProtocolError("%s: %s" % (what, e.strerror)) from None
+    return fd
+
+
+def rarp_frame(mac):
+    """A RARP announce of `mac` (what DPDK's vhost and QEMU's announce send),
+    behind a zeroed virtio_net_hdr_v1, padded to the 60-byte minimum."""
+    eth = b"\xff" * 6 + mac + struct.pack(">H", ETH_P_RARP)
+    rarp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, 3) + mac + bytes(4) + mac + bytes(4)
+    return bytes(VIRTIO_NET_HDR_SIZE) + (eth + rarp).ljust(60, b"\0")
+
+
+def _mac_str(mac):
+    return ":".join("%02x" % b for b in mac)
 
 
 class VuVring:
@@ -3616,78 +3696,116 @@ class VhostUserConnection:
         self.running = False
         self.nvq = server.nvq
         self.vrings = [VuVring(i) for i in range(self.nvq)]
+        self.rarp = None            # MAC to announce once the device runs
+        self.pools = []             # bounce pools while the device runs
+        self.inbuf = bytearray()    # the message being received
+        self.infds = []             # and the fds that came with it
+        self.partial_since = None
+        self.sink = -1
         self.dev = VdpaDevice(server.device, server.opener)
-        self.sink = eventfd()       # the call fd while the frontend has none
-        sock.settimeout(VU_IO_TIMEOUT)
-        self.loop.add_reader(sock.fileno(), self.on_readable)
+        try:
+            self.sink = eventfd()   # the call fd while the frontend has none
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self.on_readable)
+        except BaseException:
+            self.dev.close()
+            if self.sink >= 0:
+                os.close(self.sink)
+            raise
 
-    # -- message I/O --
-    def _recv(self, n, fds):
-        buf = bytearray()
-        while len(buf) < n:
-            data, anc, flags, _ = self.sock.recvmsg(
-                n - len(buf), socket.CMSG_SPACE(VU_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
-            for level, kind, raw in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(struct.unpack("%di" % (len(raw) // 4), raw[:len(raw) & ~3]))
-            if flags & socket.MSG_CTRUNC:
-                raise ProtocolError("more than %d fds with one message" % VU_MAX_FDS)
-            if not data:
-                if buf:
-                    raise ProtocolError("connection closed mid-message")
-                return None
-            buf += data
-        return bytes(buf)
-
-    def _send(self, req, payload):
-        self.sock.sendall(_VU_HDR.pack(req, VU_FLAG_VERSION | VU_FLAG_REPLY, len(payload)) + payload)
-
+    # -- message I/O: never blocks; a message is handled once it is whole --
     def on_readable(self):
         if self.closed:
             return
-        fds = []
-        req, need_ack = 0, False
+        reason = self._receive()
+        if reason is not None:
+            # Outside any except block: a traceback pins the frames' views
+            # of the frontend's memory, which could then not be unmapped.
+            self.close(reason)
+
+    def _receive(self):
+        """Read what the socket has; handle every whole message.  Returns a
+        reason to close the connection, or None."""
+        while True:
+            buf = self.inbuf
+            need = _VU_HDR.size
+            if len(buf) >= need:
+                req, flags, size = _VU_HDR.unpack_from(buf)
+                if flags & 0x3 != VU_FLAG_VERSION or flags & VU_FLAG_REPLY:
+                    return "%s: bad header flags %#x" % (VU_REQUEST_NAMES.get(req, req), flags)
+                if size > VU_MAX_PAYLOAD:
+                    return "%s: payload of %d bytes" % (VU_REQUEST_NAMES.get(req, req), size)
+                need += size
+            if len(buf) >= need:
+                fds, self.infds = self.infds, []
+                payload = bytes(buf[_VU_HDR.size:need])
+                del buf[:need]
+                self.partial_since = None
+                reason = self._handle(req, flags, payload, fds)
+                if reason is not None or self.closed:
+                    return reason
+                continue
+            try:
+                data, anc, mflags, _ = self.sock.recvmsg(
+                    need - len(buf), socket.CMSG_SPACE(VU_MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return None
+            except OSError as e:
+                return "frontend connection: %s" % e.strerror
+            for level, kind, raw in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    self.infds.extend(struct.unpack("%di" % (len(raw) // 4), raw[:len(raw) & ~3]))
+            if mflags & socket.MSG_CTRUNC:
+                return "more than %d fds with one message" % VU_MAX_FDS
+            if not data:
+                return "frontend disconnected" + (" mid-message" if buf else "")
+            if not buf:
+                self.partial_since = time.monotonic()   # a message begins
+            buf += data
+
+    def _handle(self, req, flags, payload, fds):
+        need_ack = bool(flags & VU_FLAG_NEED_REPLY and
+                        self.protocol >> VHOST_USER_PROTOCOL_F_REPLY_ACK & 1)
+        name = VU_REQUEST_NAMES.get(req, str(req))
         try:
-            hdr = self._recv(_VU_HDR.size, fds)
-            if hdr is None:
-                return self.close("frontend disconnected")
-            req, flags, size = _VU_HDR.unpack(hdr)
-            need_ack = bool(flags & VU_FLAG_NEED_REPLY and
-                            self.protocol >> VHOST_USER_PROTOCOL_F_REPLY_ACK & 1)
-            if flags & 0x3 != VU_FLAG_VERSION or flags & VU_FLAG_REPLY:
-                raise ProtocolError("bad header flags %#x" % flags)
-            if size > VU_MAX_PAYLOAD:
-                raise ProtocolError("payload of %d bytes" % size)
-            payload = self._recv(size, fds) if size else b""
-            if payload is None:
-                raise ProtocolError("connection closed mid-message")
             handler = self.HANDLERS.get(req)
             if handler is None:
                 raise ProtocolError("unsupported request %d" % req)
             if self.verbose:
-                _vlog("<- %s size %d fds %d %s" % (VU_REQUEST_NAMES[req], size, len(fds),
-                                                   payload[:48].hex()))
+                _vlog("<- %s size %d fds %d %s" % (name, len(payload), len(fds), payload[:48].hex()))
             replied = handler(self, payload, fds)
             if need_ack and not replied:
                 self._send(req, _U64.pack(0))
         except Exception as e:      # a bad message costs its connection only
-            name = VU_REQUEST_NAMES.get(req, str(req))
             if need_ack and not isinstance(e, OSError):
                 try:
                     self._send(req, _U64.pack(1))
-                except OSError:
+                except (OSError, SvqError):
                     pass
-            what = ("frontend stalled mid-message" if isinstance(e, socket.timeout) else
-                    e if isinstance(e, (SvqError, OSError)) else "%s: %s" % (type(e).__name__, e))
-            reason = "%s: %s" % (name, what) if req else str(what)
-        else:
-            return
+            what = e if isinstance(e, (SvqError, OSError)) else "%s: %s" % (type(e).__name__, e)
+            return "%s: %s" % (name, what)
         finally:
             for fd in fds:          # every fd no handler took ownership of
                 os.close(fd)
-        # Close outside the except block: its traceback pins memoryviews of
-        # the frontend's memory, which could then not be unmapped.
-        self.close(reason)
+        return None
+
+    def _send(self, req, payload):
+        data = _VU_HDR.pack(req, VU_FLAG_VERSION | VU_FLAG_REPLY, len(payload)) + payload
+        deadline = time.monotonic() + 1.0
+        while data:
+            try:
+                data = data[self.sock.send(data, socket.MSG_DONTWAIT):]
+            except (BlockingIOError, InterruptedError):
+                # A frontend that does not read its replies: wait a moment
+                # for room, never for long.
+                left = deadline - time.monotonic()
+                if left <= 0 or not select_writable(self.sock, left):
+                    raise ProtocolError("the frontend does not read its replies")
+
+    def poll_stalled(self):
+        """Every tick: a message left half sent too long closes the connection."""
+        if self.partial_since is not None and time.monotonic() - self.partial_since > VU_IO_TIMEOUT:
+            self.close("frontend stalled mid-message for %.0f s" % VU_IO_TIMEOUT)
 
     # -- payload checks --
     @staticmethod
@@ -3737,7 +3855,9 @@ class VhostUserConnection:
         if self.running and changed & ~(1 << VHOST_F_LOG_ALL):
             self._stop_device("features changed")
         self.features, self.features_set = f, True
-        if changed or self.verbose:
+        if changed & (1 << VHOST_F_LOG_ALL):
+            _vlog("dirty logging %s" % ("on" if f >> VHOST_F_LOG_ALL & 1 else "off"))
+        if changed & ~(1 << VHOST_F_LOG_ALL) or self.verbose:
             _vlog("features: %s" % " ".join(feature_names(f, self.server.type_names)))
         self._apply_log()
         self._maybe_start()
@@ -3745,13 +3865,14 @@ class VhostUserConnection:
     def h_get_protocol_features(self, payload, fds):
         self._size(payload, 0, 8)
         self._nfds(fds, 0)
-        self._send(VHOST_USER_GET_PROTOCOL_FEATURES, _U64.pack(VU_PROTOCOL_FEATURES))
+        self._send(VHOST_USER_GET_PROTOCOL_FEATURES, _U64.pack(self.server.protocol_offered))
         return True
 
     def h_set_protocol_features(self, payload, fds):
         p = self._u64(payload, fds)
-        if p & ~VU_PROTOCOL_FEATURES:
-            raise ProtocolError("protocol features %#x were not offered" % (p & ~VU_PROTOCOL_FEATURES))
+        if p & ~self.server.protocol_offered:
+            raise ProtocolError("protocol features %#x were not offered"
+                                % (p & ~self.server.protocol_offered))
         self.protocol = p
         _vlog("protocol features: %s" % " ".join(PROTOCOL_FEATURE_NAMES[b] for b in range(17)
                                                  if p >> b & 1))
@@ -3786,15 +3907,21 @@ class VhostUserConnection:
         if not 1 <= n <= VU_MAX_REGIONS or not 8 + n * 32 <= len(payload) <= 8 + VU_MAX_REGIONS * 32:
             raise ProtocolError("%d regions in %d bytes" % (n, len(payload)))
         self._nfds(fds, n)
+        table = [_VU_REGION.unpack_from(payload, 8 + i * 32) for i in range(n)]
+        try:
+            ids = [_file_id(fd) for fd in fds]
+        except OSError as e:
+            raise ProtocolError("fstat: %s" % e.strerror) from None
+        if self.mem is not None and self._same_table(table, ids):
+            return                  # QEMU sends the same table again after a start
         regions = []
         try:
-            for i in range(n):
-                gpa, size, uaddr, off = _VU_REGION.unpack_from(payload, 8 + i * 32)
+            for i, (gpa, size, uaddr, off) in enumerate(table):
                 if size == 0 or gpa + size > 1 << 64 or uaddr + size > 1 << 64:
                     raise ProtocolError("region %d: bad range gpa %#x size %#x uaddr %#x"
                                         % (i, gpa, size, uaddr))
                 m = _map_fd(fds[i], size, off, "region %d" % i)
-                regions.append(GuestRegion(gpa, size, m, uaddr=uaddr))
+                regions.append(GuestRegion(gpa, size, m, uaddr=uaddr, ident=ids[i] + (off,)))
             uas = sorted((r.uaddr, r.uaddr + r.size) for r in regions)
             if any(a[1] > b[0] for a, b in zip(uas, uas[1:])):
                 raise ProtocolError("regions overlap in the frontend's address space")
@@ -3810,6 +3937,12 @@ class VhostUserConnection:
         _vlog("memory: %s" % ", ".join("gpa %#x+%#x" % (r.gpa, r.size) for r in mem.regions))
         self._maybe_start()
 
+    def _same_table(self, table, ids):
+        old = self.mem.regions
+        new = sorted((gpa, size, uaddr, ids[i] + (off,)) for i, (gpa, size, uaddr, off)
+                     in enumerate(table))
+        return new == [(r.gpa, r.size, r.uaddr, r.ident) for r in old]
+
     def h_set_log_base(self, payload, fds):
         self._need_protocol(VHOST_USER_PROTOCOL_F_LOG_SHMFD)
         self._size(payload, _VU_LOG.size)
@@ -3818,10 +3951,16 @@ class VhostUserConnection:
         if size > VU_LOG_MAX:
             raise ProtocolError("log of %d bytes" % size)
         m = _map_fd(fds[0], size, off, "log")
-        old = self.log_mem
-        self.log_mem, self.dirty = m, DirtyLog(buf=m.mv)
+        try:
+            dirty = DirtyLog(buf=m.mv, shared=True)
+        except BaseException:
+            m.close()
+            raise
+        old, old_dirty = self.log_mem, self.dirty
+        self.log_mem, self.dirty = m, dirty
         self._apply_log()
         if old is not None:
+            old_dirty.close()
             old.close()
         if self.verbose:
             _vlog("dirty log: %d bytes (%d MiB of guest memory)" % (size, size * 8 * 4096 >> 20))
@@ -3831,9 +3970,11 @@ class VhostUserConnection:
     def h_set_log_fd(self, payload, fds):
         self._size(payload, 0, 8)
         self._nfds(fds, 1)
+        fd = _event_fd(fds[0], "log fd")
+        fds.pop()
         if self.log_fd >= 0:
             os.close(self.log_fd)
-        self.log_fd = fds.pop()
+        self.log_fd = fd
 
     def h_set_vring_num(self, payload, fds):
         v, num = self._state(payload, fds)
@@ -3855,7 +3996,7 @@ class VhostUserConnection:
             raise ProtocolError("vq %d: misaligned ring (desc %#x avail %#x used %#x)"
                                 % (index, desc, avail, used))
         new = (flags, desc, used, avail, log)
-        if self.running and v.svq is not None and v.addr[1:4] == new[1:4]:
+        if v.addr is not None and v.addr[1:4] == new[1:4]:
             v.addr = new
             self._apply_log()       # only logging changed (migration start/end)
             return
@@ -3877,31 +4018,43 @@ class VhostUserConnection:
         self._send(VHOST_USER_GET_VRING_BASE, _VU_STATE.pack(v.index, v.base))
         return True
 
-    def _vring_fd(self, payload, fds):
+    def _vring_fd(self, payload, fds, what):
+        """(vring, fd or -1) of a SET_VRING_KICK/CALL/ERR, the fd checked and
+        taken out of `fds` only once it is known to be good."""
         self._size(payload, 8)
         val = _U64.unpack(payload)[0]
         if val & ~(VU_VRING_INDEX_MASK | VU_VRING_NOFD):
             raise ProtocolError("vring fd payload %#x" % val)
         self._nfds(fds, 0 if val & VU_VRING_NOFD else 1)
-        return self._vring(val & VU_VRING_INDEX_MASK), (fds.pop() if fds else -1)
+        v = self._vring(val & VU_VRING_INDEX_MASK)
+        if not fds:
+            return v, -1
+        _event_fd(fds[0], "vq %d: %s fd" % (v.index, what))
+        return v, fds.pop()
 
     def h_set_vring_kick(self, payload, fds):
-        v, fd = self._vring_fd(payload, fds)
+        v, fd = self._vring_fd(payload, fds, "kick")
         if fd < 0:
             raise ProtocolError("vq %d: polling mode (no kick fd) is not supported" % v.index)
-        old, v.kick = v.kick, fd
         if v.svq is not None:
+            old = v.svq.guest_kick_fd
+            try:
+                self.loop.add_reader(fd, self._guard(v, v.svq.handle_guest_kick))
+            except BaseException:
+                os.close(fd)
+                raise
             self.loop.remove_reader(old)
             v.svq.guest_kick_fd = fd
-            self.loop.add_reader(fd, self._guard(v, v.svq.handle_guest_kick))
-            v.svq.handle_guest_kick()
-        if old >= 0:
-            os.close(old)
+        if v.kick >= 0:
+            os.close(v.kick)
+        v.kick = fd
         v.started = True
+        if v.svq is not None:
+            self._guard(v, v.svq.handle_guest_kick)()
         self._maybe_start()
 
     def h_set_vring_call(self, payload, fds):
-        v, fd = self._vring_fd(payload, fds)
+        v, fd = self._vring_fd(payload, fds, "call")
         old, v.call = v.call, fd
         if v.svq is not None:
             v.svq.guest_call_fd = fd if fd >= 0 else self.sink
@@ -3909,7 +4062,7 @@ class VhostUserConnection:
             os.close(old)
 
     def h_set_vring_err(self, payload, fds):
-        v, fd = self._vring_fd(payload, fds)
+        v, fd = self._vring_fd(payload, fds, "err")
         if v.err >= 0:
             os.close(v.err)
         v.err = fd
@@ -3927,6 +4080,30 @@ class VhostUserConnection:
         self._stop_if_running(v, not enable, "disabled")
         v.enabled = bool(enable)
         self._maybe_start()
+
+    def h_send_rarp(self, payload, fds):
+        self._need_protocol(VHOST_USER_PROTOCOL_F_RARP)
+        self._size(payload, 8)
+        self._nfds(fds, 0)
+        mac = payload[:6]
+        dev_mac = self.server.mac
+        if dev_mac is not None and mac != dev_mac:
+            _vlog("warning: the guest announces %s but the device's MAC is %s: a device that "
+                  "filters by its MAC (vdpa_sim_net does) drops frames to the guest"
+                  % (_mac_str(mac), _mac_str(dev_mac)))
+        self.rarp = mac
+        self._send_rarp()
+
+    def _send_rarp(self):
+        """After a migration the destination announces the guest's MAC on the
+        device's TX queue (for guests without GUEST_ANNOUNCE), as DPDK's
+        vhost does: the network learns where the guest now is."""
+        tx = self.vrings[1].svq if self.running and self.nvq > 1 else None
+        if self.rarp is None or tx is None or tx.broken is not None:
+            return
+        _vlog("announcing %s (RARP) on vq 1" % _mac_str(self.rarp))
+        self._guard(self.vrings[1], lambda: tx.inject(rarp_frame(self.rarp)))()
+        self.rarp = None
 
     def _config(self, payload, fds):
         self._need_protocol(VHOST_USER_PROTOCOL_F_CONFIG)
@@ -3955,9 +4132,11 @@ class VhostUserConnection:
         status = self._u64(payload, fds)
         if status > 0xff:
             raise ProtocolError("status %#x" % status)
-        if status == 0 and self.status:
-            self._reset_rings("SET_STATUS(0)")
         self.status = status
+        if not status & VIRTIO_CONFIG_S_DRIVER_OK:
+            # QEMU stops a device so, before it asks for each ring's base:
+            # a stop that keeps the rings, not a reset.
+            self._stop_device("status %s" % "|".join(status_names(status)))
         self._maybe_start()
 
     def h_get_status(self, payload, fds):
@@ -3978,18 +4157,21 @@ class VhostUserConnection:
         VHOST_USER_GET_PROTOCOL_FEATURES: h_get_protocol_features,
         VHOST_USER_SET_PROTOCOL_FEATURES: h_set_protocol_features,
         VHOST_USER_GET_QUEUE_NUM: h_get_queue_num, VHOST_USER_SET_VRING_ENABLE: h_set_vring_enable,
+        VHOST_USER_SEND_RARP: h_send_rarp,
         VHOST_USER_GET_CONFIG: h_get_config, VHOST_USER_SET_CONFIG: h_set_config,
         VHOST_USER_RESET_DEVICE: h_reset_device, VHOST_USER_SET_STATUS: h_set_status,
         VHOST_USER_GET_STATUS: h_get_status,
     }
 
     # -- dirty logging --
+    def _logging(self):
+        return self.dirty is not None and self.features >> VHOST_F_LOG_ALL & 1
+
     def _apply_log(self):
-        logging = self.dirty is not None and self.features >> VHOST_F_LOG_ALL & 1
+        log = self.dirty if self._logging() else None
         for v in self.vrings:
             if v.svq is not None:
-                v.svq.set_log(self.dirty if logging else None,
-                              v.addr[4] if v.addr[0] & (1 << VHOST_VRING_F_LOG) else None)
+                v.svq.set_log(log, v.addr[4] if v.addr[0] & (1 << VHOST_VRING_F_LOG) else None)
 
     # -- device lifecycle --
     def _stop_if_running(self, v, changed, what="reconfigured"):
@@ -4001,8 +4183,11 @@ class VhostUserConnection:
         return v.num and v.addr is not None and v.kick >= 0 and v.started and enabled
 
     def _maybe_start(self):
-        if (self.running or self.mem is None or not self.features_set
+        if (self.running or self.closed or self.mem is None or not self.features_set
                 or not all(self._ready(v) for v in self.vrings)):
+            return
+        if (self.protocol >> VHOST_USER_PROTOCOL_F_STATUS & 1
+                and not self.status & VIRTIO_CONFIG_S_DRIVER_OK):
             return
         self._start_device()
 
@@ -4022,27 +4207,33 @@ class VhostUserConnection:
         wanted = ((guest_features & svq_device_features(dev.device_id)) | (1 << VIRTIO_F_VERSION_1)
                   | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << VIRTIO_F_ANY_LAYOUT)
                   | (1 << VIRTIO_RING_F_EVENT_IDX))
+        self.running = True         # from here on, _stop_device undoes it all
         try:
             device_features = dev.negotiate(wanted)
+            first, last = dev.iova_map.first, dev.iova_map.last
             for r in self.mem.regions:
-                r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+                # IOVA = GPA where the device's range allows: a later switch
+                # to passthrough then needs no remapping of guest memory.
+                if first <= r.gpa and r.end - 1 <= last:
+                    r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa).iova
+                else:
+                    r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
             for v in self.vrings:
                 self._setup_queue(v, guest_features, device_features)
             dev.start(range(self.nvq))
         except BaseException:
-            self.running = True
             self._stop_device(None)
             raise
-        self.running = True
-        self._apply_log()
         _vlog("device started: %s" % ", ".join(
-            "vq %d size %d at avail %d used %d" % (v.index, v.num, v.svq.last_avail_idx,
-                                                   v.svq.guest_used_idx) for v in self.vrings))
+            "vq %d size %d (shadow %d) at avail %d used %d"
+            % (v.index, v.num, v.svq.snum, v.svq.last_avail_idx, v.svq.guest_used_idx)
+            for v in self.vrings))
         if self.verbose:
             _vlog("device features: %s" % " ".join(feature_names(device_features, srv.type_names)))
         for v in self.vrings:       # buffers made available while we were stopped
             if v.svq is not None and v.svq.broken is None:
                 self._guard(v, v.svq.forward_avail)()
+        self._send_rarp()
 
     def _setup_queue(self, v, guest_features, device_features):
         dev, num = self.dev, v.num
@@ -4050,22 +4241,32 @@ class VhostUserConnection:
         gring = SplitRing(num, self._ring_view(v, desc, vring_desc_size(num), "descriptor"),
                           self._ring_view(v, avail, vring_avail_size(num), "avail"),
                           self._ring_view(v, used, vring_used_size(num), "used"))
-        total, doff, aoff, uoff = SplitRing.layout(num)
+        snum = max(num, min(dev.max_queue_size, VU_SHADOW_MAX))
+        total, doff, aoff, uoff = SplitRing.layout(snum)
         v.shadow_mem = smem = SharedMemory(total)
         views = [smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total]]
         v.views += views
-        sring = SplitRing(num, *views)
+        sring = SplitRing(snum, *views)
         ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
         rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
         v.device_fds = dkick, dcall = eventfd(), eventfd()
-        dev.setup_vq(v.index, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
+        dev.setup_vq(v.index, snum, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
         used_idx = gring.used16[1]
+        logging = self._logging()
         v.svq = svq = ShadowVirtqueue(
             v.index, self.mem, gring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
             guest_features, device_features, v.kick, v.call if v.call >= 0 else self.sink,
-            dkick, dcall, guest_used_idx=used_idx, last_avail_idx=v.base)
+            dkick, dcall, guest_used_idx=used_idx, last_avail_idx=v.base,
+            log=self.dirty if logging else None,
+            log_used_gpa=log if logging and flags & (1 << VHOST_VRING_F_LOG) else None,
+            bounce=self._bounce_pool)
         self.loop.add_reader(v.kick, self._guard(v, svq.handle_guest_kick))
         self.loop.add_reader(dcall, self._guard(v, svq.handle_device_call))
+
+    def _bounce_pool(self):
+        smem = SharedMemory(BouncePool.SIZE)
+        self.pools.append(smem)
+        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
 
     def _guard(self, v, fn):
         svq = v.svq
@@ -4092,6 +4293,7 @@ class VhostUserConnection:
         the guest may be between publishing avail and kicking. Only the same
         work, still pending a tick later, with no handler run in between, is
         a lost notification."""
+        self.poll_stalled()
         if self.closed or not self.running:
             return
         for v in self.vrings:
@@ -4110,48 +4312,95 @@ class VhostUserConnection:
             v.polled += 1
             self._guard(v, s.handle_device_call)()
 
+    def _drain_vqs(self):
+        """Queues whose requests complete without outside input: all of blk's,
+        net's TX queues (an RX buffer waits for a frame that may never come)."""
+        if self.dev.device_id == VIRTIO_ID_NET:
+            return [v for v in self.vrings if v.index % 2]
+        return list(self.vrings)
+
+    def _flush(self, v):
+        s = v.svq
+        if s is not None and s.broken is None:
+            try:
+                s.flush()
+            except (RingError, OSError) as e:
+                _vlog("vq %d: %s" % (v.index, e))
+                s.broken = s.broken or str(e)
+
+    def _drain(self):
+        """Let requests in flight complete (in whatever order the device
+        completes them) before the device is stopped, so that the restart
+        index needs no guess.  Bounded: VU_DRAIN_SECONDS, or a moment once a
+        signal asks the server to stop."""
+        vqs = [v for v in self._drain_vqs() if v.svq is not None]
+        t0 = time.monotonic()
+        sel = selectors.DefaultSelector()
+        try:
+            for v in vqs:
+                sel.register(v.svq.device_call_fd, selectors.EVENT_READ, v)
+            while True:
+                for v in vqs:
+                    self._flush(v)
+                busy = [v for v in vqs if v.svq.in_flight and v.svq.broken is None]
+                if not busy:
+                    break
+                limit = 0.3 if self.loop.stopped else VU_DRAIN_SECONDS
+                left = t0 + limit - time.monotonic()
+                if left <= 0:
+                    break
+                for key, _ in sel.select(min(left, 0.05)):
+                    eventfd_drain(key.fileobj)
+        finally:
+            sel.close()
+        return time.monotonic() - t0
+
     def _stop_device(self, why):
         """Stop the device and record, per queue, where to restart from."""
         if not self.running:
             return
         self.running = False
         dev = self.dev
-        svqs = [v.svq for v in self.vrings if v.svq is not None]
+        live = [v for v in self.vrings if v.svq is not None]
+        for v in live:
+            v.svq.stopping = True               # no new guest requests
+        drained = self._drain() if why is not None else 0.0
         try:
-            suspended = dev.suspend()
+            dev.suspend()
         except DeviceError:
-            suspended = False
-        if not suspended and dev.device_id == VIRTIO_ID_BLOCK:
-            # No SUSPEND (VDUSE): let requests in flight complete, as their
-            # completion order is the device's; then reset.
-            deadline = time.monotonic() + 2.0
-            while any(s.in_flight and s.broken is None for s in svqs) and time.monotonic() < deadline:
-                for s in svqs:
-                    if s.broken is None:
-                        try:
-                            s.flush()
-                        except RingError:
-                            pass
-                time.sleep(0.001)
+            pass
+        for v in live:                          # what completed until the suspend
+            self._flush(v)
         dev.reset()
+        for v in live:                          # and until the reset
+            self._flush(v)
+        blk = dev.device_id == VIRTIO_ID_BLOCK
         for v in self.vrings:
             s = v.svq
-            if s is not None:
-                if s.broken is None:
+            if s is not None and why is not None:
+                v.base, rewound, failed = s.restart_index()
+                if failed:
+                    # Requests the device took and never completed, with later
+                    # ones completed: one index cannot hand them back.
+                    _vlog("vq %d: %d requests did not complete within %.1f s; "
+                          "completed as failed" % (v.index, len(failed), drained))
                     try:
-                        s.flush()
-                    except RingError as e:
+                        s.complete_with_error([h for _, h in failed], blk)
+                    except (OSError, SvqError) as e:
                         _vlog("vq %d: %s" % (v.index, e))
-                v.base = (s.last_avail_idx - s.in_flight) & 0xffff
                 if why:
-                    _vlog("vq %d stopped at avail %d used %d%s%s (%s)" % (
+                    _vlog("vq %d stopped at avail %d used %d%s%s%s (%s)" % (
                         v.index, v.base, s.guest_used_idx,
-                        ", %d in flight rewound" % s.in_flight if s.in_flight else "",
+                        " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
+                        ", %d not taken by the device handed back" % rewound if rewound else "",
                         ", %d stalls recovered by polling" % v.polled if v.polled else "", why))
                 v.polled = 0
             v.pending_seen = None
             self._teardown_queue(v)
         dev.unmap_all()
+        for smem in self.pools:
+            smem.close()
+        self.pools = []
         if self.mem is not None:
             for r in self.mem.regions:
                 r.iova = None
@@ -4160,7 +4409,7 @@ class VhostUserConnection:
         if v.svq is not None:
             self.loop.remove_reader(v.svq.guest_kick_fd)
             self.loop.remove_reader(v.svq.device_call_fd)
-            v.svq.log = None
+            v.svq.set_log(None)
             v.svq.guest.release()
             v.svq.shadow.release()
         for setter in (self.dev.dev.set_vring_kick, self.dev.dev.set_vring_call):
@@ -4197,29 +4446,56 @@ class VhostUserConnection:
             if self.mem is not None:
                 self.mem.close()
                 self.mem = None
-            self.dirty = None
+            if self.dirty is not None:
+                self.dirty.close()
+                self.dirty = None
             if self.log_mem is not None:
                 self.log_mem.close()
                 self.log_mem = None
-            for fd in (self.log_fd, self.sink):
+            for fd in [self.log_fd, self.sink] + self.infds:
                 if fd >= 0:
                     os.close(fd)
             self.log_fd = self.sink = -1
+            self.infds = []
             self.sock.close()
             self.server.connection_closed(self)
 
 
-class VhostUserServer:
-    """The Unix socket, one frontend at a time, and the event loop."""
+def select_writable(sock, timeout):
+    sel = selectors.DefaultSelector()
+    try:
+        sel.register(sock, selectors.EVENT_WRITE)
+        return bool(sel.select(timeout))
+    finally:
+        sel.close()
 
-    def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa):
+
+def _set_pdeathsig(sig):
+    """Die with the parent (prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc().prctl(1, int(sig), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+class VhostUserServer:
+    """The Unix socket, one frontend at a time, and the event loop.  With
+    `isolate` (what `svq.py serve` does), each connection is served by a
+    worker process of its own; else in this process (a library, the tests)."""
+
+    def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa,
+                 isolate=False, mac=None):
         self.device, self.path, self.client = device, socket_path, client
-        self.verbose, self.opener = verbose, opener
+        self.verbose, self.opener, self.isolate = verbose, opener, isolate
         self.conn = None
+        self.worker = None          # pid of the connection's worker process
         self.listener = None
         self.loop = EventLoop()
         self.connections = 0
         self._next_connect = 0.0
+        self.mac = None
+        self.worker_mode = False
+        check_barriers()
         probe = VdpaDevice(device, opener)
         try:
             if probe.device_id not in (VIRTIO_ID_NET, VIRTIO_ID_BLOCK):
@@ -4232,15 +4508,64 @@ class VhostUserServer:
                 raise SvqError("%s: %d queues, %d needed" % (device, probe.num_vqs, self.nvq))
             shadowable = probe.device_features & svq_device_features(probe.device_id)
             self.offered = (((shadowable | SVQ_GUEST_EXTRA_FEATURES) & ~(1 << VIRTIO_F_ACCESS_PLATFORM))
-                            | (1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+                            | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+            protocol = [VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK,
+                        VHOST_USER_PROTOCOL_F_RESET_DEVICE, VHOST_USER_PROTOCOL_F_STATUS]
+            if native() is not None:
+                self.offered |= 1 << VHOST_F_LOG_ALL
+                protocol.append(VHOST_USER_PROTOCOL_F_LOG_SHMFD)
+            else:
+                _vlog("warning: no dirty logging (VHOST_F_LOG_ALL not offered): the shared log "
+                      "needs an atomic OR: %s" % native_error())
+            # CONFIG where the frontend's device type reads it (QEMU's
+            # vhost-user-blk needs it; its net frontend warns that it
+            # does not support it); RARP for net.
+            protocol.append(VHOST_USER_PROTOCOL_F_RARP if self.nvq == 2
+                            else VHOST_USER_PROTOCOL_F_CONFIG)
+            self.protocol_offered = sum(1 << b for b in protocol)
             self.config_size = probe.dev.get_config_size()
+            if self.device_id == VIRTIO_ID_NET:
+                self.mac = self._net_mac(probe, mac)
+            elif mac is not None:
+                raise UsageError("--mac is for net devices")
         finally:
             probe.close()
         if not client:
             self._listen()
 
+    def _net_mac(self, probe, mac):
+        """The device's MAC (set first, with --mac).  A vDPA NIC that filters
+        by its MAC, as vdpa_sim_net does, delivers to the guest only frames
+        to that MAC (and broadcast): the guest must use it."""
+        if not probe.device_features >> VIRTIO_NET_F_MAC & 1 or self.config_size < 6:
+            return None
+        if mac is not None:
+            try:
+                probe.dev.set_config(0, mac)
+            except DeviceError as e:
+                raise SvqError("%s: setting the MAC: %s" % (self.device, e)) from None
+            if probe.dev.get_config(0, 6) != mac:
+                raise SvqError("%s: the device did not take MAC %s; create it with that MAC "
+                               "(vdpa dev add ... mac %s)" % (self.device, _mac_str(mac), _mac_str(mac)))
+        got = probe.dev.get_config(0, 6)
+        if got == bytes(6):
+            _vlog("warning: %s has MAC 00:00:00:00:00:00; a device that filters by its MAC "
+                  "(vdpa_sim_net does) then passes only broadcast to the guest: create it with "
+                  "the guest's MAC or give --mac" % self.device)
+        else:
+            _vlog("net: device MAC %s; the guest must use it (QEMU: -device "
+                  "virtio-net-pci,mac=%s) or frames to it are dropped" % (_mac_str(got), _mac_str(got)))
+        return got
+
     def _listen(self):
         path = self.path
+        if not path or "\0" in path:
+            raise UsageError("--socket: a file path is needed")
+        if len(os.fsencode(path)) > 107:
+            raise UsageError("--socket %s: longer than a Unix socket path can be (107 bytes)" % path)
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise UsageError("--socket %s: no directory %s" % (path, parent))
         try:
             st = os.lstat(path)
         except FileNotFoundError:
@@ -4260,13 +4585,13 @@ class VhostUserServer:
         old = os.umask(0o177)
         try:
             s.bind(path)
+            os.chmod(path, 0o600)
+            self._ino = os.stat(path).st_ino
         except OSError as e:
             s.close()
             raise SvqError("bind %s: %s" % (path, e.strerror)) from None
         finally:
             os.umask(old)
-        os.chmod(path, 0o600)
-        self._ino = os.stat(path).st_ino
         s.listen(4)
         s.setblocking(False)
         self.listener = s
@@ -4280,7 +4605,10 @@ class VhostUserServer:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        if self.conn is not None:
+        except OSError as e:
+            _vlog("accept: %s" % e.strerror)    # EMFILE and the like: try again later
+            return
+        if self.conn is not None or self.worker is not None:
             _vlog("refusing a second frontend (%s) while one is connected" % self._peer(sock))
             sock.close()
             return
@@ -4296,20 +4624,94 @@ class VhostUserServer:
             return "unknown peer"
 
     def _open(self, sock):
-        sock.setblocking(True)
+        self.connections += 1
+        _vlog("frontend connected (%s), connection %d" % (self._peer(sock), self.connections))
+        if self.isolate:
+            self._fork_worker(sock)
+            return
         try:
             self.conn = VhostUserConnection(self, sock)
         except SvqError as e:
             _vlog("refusing frontend: %s" % e)
             sock.close()
+
+    def _fork_worker(self, sock):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            pid = os.fork()
+        except OSError as e:
+            _vlog("refusing frontend: fork: %s" % e.strerror)
+            sock.close()
             return
-        self.connections += 1
-        _vlog("frontend connected (%s), connection %d" % (self._peer(sock), self.connections))
+        if pid:
+            sock.close()
+            self.worker = pid
+            return
+        # The worker: a fresh loop (the inherited epoll instance is the
+        # parent's: only closing our copy of it is safe), nothing of the
+        # parent's but the socket.
+        code = 1
+        try:
+            _set_pdeathsig(signal.SIGTERM)
+            if os.getppid() == 1:
+                os._exit(1)
+            self.loop.abandon()
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+            self.loop = EventLoop()
+            self.loop.install_signals()
+            try:
+                self.conn = VhostUserConnection(self, sock)
+            except SvqError as e:
+                _vlog("refusing frontend: %s" % e)
+                sock.close()
+                os._exit(1)
+            self.worker_mode = True
+            self.loop.run(tick=self._tick, tick_interval=0.2)
+            if self.conn is not None:
+                self.conn.close("server stopping")
+            code = 0
+        except BaseException as e:   # never return into the parent's code
+            try:
+                _vlog("worker: %s" % (e if isinstance(e, SvqError) else repr(e)))
+            except BaseException:
+                pass
+        finally:
+            os._exit(code)
+
+    def _reap(self):
+        if self.worker is None:
+            return
+        try:
+            pid, status = os.waitpid(self.worker, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.worker, 0
+        if not pid:
+            return
+        self.worker = None
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = "signal %d" % sig
+            hint = (" (the frontend shrank a memory file it had shared?)"
+                    if sig == signal.SIGBUS else "")
+            _vlog("connection %d: the worker died of %s%s; the device was reset as it closed"
+                  % (self.connections, name, hint))
 
     def _tick(self):
+        self._reap()
         if self.conn is not None:
             self.conn.poll()
-        if self.client and self.conn is None and time.monotonic() >= self._next_connect:
+        if self.worker_mode:
+            if self.conn is None:
+                self.loop.stop()
+            return
+        if self.client and self.conn is None and self.worker is None \
+                and time.monotonic() >= self._next_connect:
             self._next_connect = time.monotonic() + 1.0
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -4322,10 +4724,12 @@ class VhostUserServer:
     def connection_closed(self, conn):
         if self.conn is conn:
             self.conn = None
+            if self.worker_mode:
+                self.loop.stop()
 
     def run(self):
         """Serve until stop() or SIGINT/SIGTERM (when in the main thread)."""
-        self.loop.install_signals()
+        self.loop.install_signals(on_child=self._reap if self.isolate else None)
         try:
             self.loop.run(tick=self._tick, tick_interval=0.2)
         finally:
@@ -4335,9 +4739,33 @@ class VhostUserServer:
     def stop(self):
         self.loop.stop()
 
+    def _stop_worker(self, grace=0.8):
+        """SIGTERM the worker (it stops the device and exits), SIGKILL it if it
+        takes longer than `grace` seconds (the kernel then resets the device)."""
+        if self.worker is None:
+            return
+        try:
+            os.kill(self.worker, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        end = time.monotonic() + grace
+        while self.worker is not None and time.monotonic() < end:
+            self._reap()
+            time.sleep(0.01)
+        if self.worker is not None:
+            try:
+                os.kill(self.worker, signal.SIGKILL)
+                os.waitpid(self.worker, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            _vlog("connection %d: the worker did not stop within %.1f s: killed"
+                  % (self.connections, grace))
+            self.worker = None
+
     def close(self):
         if self.conn is not None:
             self.conn.close("server stopping")
+        self._stop_worker()
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -4349,8 +4777,19 @@ class VhostUserServer:
         self.loop.close()
 
 
+def _mac(s):
+    try:
+        mac = bytes(int(x, 16) for x in s.split(":"))
+    except ValueError:
+        mac = b""
+    if len(mac) != 6:
+        raise argparse.ArgumentTypeError("not a MAC address: %r" % s)
+    return mac
+
+
 def cmd_serve(args):
-    server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose)
+    server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose,
+                             isolate=True, mac=args.mac)
     sig = server.run()
     if sig is not None:
         _vlog("stopped by %s" % signal.Signals(sig).name)
@@ -4363,6 +4802,7 @@ def add_serve_parser(sub):
     s.add_argument("--socket", required=True, help="Unix socket path")
     s.add_argument("--client", action="store_true",
                    help="connect to a frontend listening on --socket instead of listening")
+    s.add_argument("--mac", type=_mac, help="net: set the device's MAC first (the guest's)")
     s.add_argument("--verbose", "-v", action="store_true", help="trace every message")
     return s
 

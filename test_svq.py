@@ -1245,6 +1245,8 @@ PAGE = 4096
 GPA_BASE = 0x100000
 MEM_SIZE = 2 << 20
 NUM = 64
+ACK_DRIVER_OK = (svq.VIRTIO_CONFIG_S_ACKNOWLEDGE | svq.VIRTIO_CONFIG_S_DRIVER
+                 | svq.VIRTIO_CONFIG_S_FEATURES_OK | svq.VIRTIO_CONFIG_S_DRIVER_OK)
 
 
 # ---------------------------------------------------------------------------
@@ -1390,6 +1392,13 @@ class Frontend:
         self.call_msg(svq.VHOST_USER_SET_VRING_KICK, U64.pack(0), [self.kick], ack=True)
         self.call_msg(svq.VHOST_USER_SET_VRING_CALL, U64.pack(0), [self.call], ack=True)
         self.call_msg(svq.VHOST_USER_SET_VRING_ENABLE, STATE.pack(0, 1), ack=True)
+        self.set_status(ACK_DRIVER_OK)
+
+    def set_status(self, status):
+        """As QEMU 7.2 does (when STATUS is negotiated): DRIVER_OK after the
+        rings to start, 0 to stop before GET_VRING_BASE."""
+        if self.protocol >> svq.VHOST_USER_PROTOCOL_F_STATUS & 1:
+            self.call_msg(svq.VHOST_USER_SET_STATUS, U64.pack(status), ack=True)
 
     def get_vring_base(self):
         self.send(svq.VHOST_USER_GET_VRING_BASE, STATE.pack(0, 0))
