@@ -16,6 +16,7 @@ import os
 import selectors
 import struct
 import threading
+import time
 
 import svq
 
@@ -69,6 +70,11 @@ class MockVhostVdpa:
         self.written_iovas = []
         self.closed = False
         self.ioctl_log = []
+        # blk: sector -> seconds a request for it takes (others are instant),
+        # so that requests complete out of order; held: (due, vq, head, bufs).
+        self.delays = {}
+        self.held = []
+        self.short_len = False              # report 1 byte written, whatever was
 
     # -- ioctl surface of svq.VhostVdpa --
     def _need_owner(self, op):
@@ -110,6 +116,7 @@ class MockVhostVdpa:
     def set_status(self, s):
         if s == 0:
             self.stop_thread()
+            self.held = []
             for q in self.vqs:
                 q.update(ready=False, last_avail=0, used_idx=0)
         if s & svq.VIRTIO_CONFIG_S_FEATURES_OK and self.refuse_features_ok:
@@ -350,37 +357,56 @@ class MockVhostVdpa:
             head, bufs = req
             out = self._read(bufs)
             type_, _, sector = struct.unpack_from("<IIQ", out, 0)
-            data = out[16:]
-            wbufs = [b for b in bufs if b[2]]
-            inlen = sum(b[1] for b in wbufs) - 1
-            off = sector * 512
-            status = 0
-            if type_ == svq.VIRTIO_BLK_T_IN:
-                if off + inlen > len(self.disk):
-                    reply, status = b"", 1
-                else:
-                    reply = bytes(self.disk[off:off + inlen])
-            elif type_ == svq.VIRTIO_BLK_T_OUT:
-                if off + len(data) > len(self.disk):
-                    status = 1
-                else:
-                    self.disk[off:off + len(data)] = data
-                reply = b""
-            elif type_ == svq.VIRTIO_BLK_T_GET_ID:
-                reply = b"svq-mock-disk".ljust(20, b"\0")[:inlen]
-            elif type_ == svq.VIRTIO_BLK_T_FLUSH:
-                reply = b""
-            else:
-                reply, status = b"", 2
-            written = self._write(wbufs, reply.ljust(inlen, b"\0")[:inlen] if reply else b"")
-            # Status byte lives in the last writable byte of the chain.
-            last = wbufs[-1]
-            self._views(last[0] + last[1] - 1, 1, 2)[0][:] = bytes([status])
-            self._push(vq, head, (written if reply else 0) + 1)
-            done += 1
+            if sector in self.delays:
+                self.held.append((time.monotonic() + self.delays[sector], vq, head, bufs))
+                continue
+            done += self._complete_blk(vq, head, bufs, out)
         if done:
             self._notify(vq, old)
         return done
+
+    def complete_held(self, now=None):
+        """Complete the held requests that are due (device context)."""
+        now = time.monotonic() if now is None else now
+        with self.lock:
+            due = [h for h in self.held if h[0] <= now]
+            self.held = [h for h in self.held if h[0] > now]
+            for _, vq, head, bufs in due:
+                old = self.vqs[vq]["used_idx"]
+                self._complete_blk(vq, head, bufs, self._read(bufs))
+                self._notify(vq, old)
+
+    def _complete_blk(self, vq, head, bufs, out):
+        """Carry out one blk request and push its used entry; returns 1."""
+        type_, _, sector = struct.unpack_from("<IIQ", out, 0)
+        data = out[16:]
+        wbufs = [b for b in bufs if b[2]]
+        inlen = sum(b[1] for b in wbufs) - 1
+        off = sector * 512
+        status = 0
+        if type_ == svq.VIRTIO_BLK_T_IN:
+            if off + inlen > len(self.disk):
+                reply, status = b"", 1
+            else:
+                reply = bytes(self.disk[off:off + inlen])
+        elif type_ == svq.VIRTIO_BLK_T_OUT:
+            if off + len(data) > len(self.disk):
+                status = 1
+            else:
+                self.disk[off:off + len(data)] = data
+            reply = b""
+        elif type_ == svq.VIRTIO_BLK_T_GET_ID:
+            reply = b"svq-mock-disk".ljust(20, b"\0")[:inlen]
+        elif type_ == svq.VIRTIO_BLK_T_FLUSH:
+            reply = b""
+        else:
+            reply, status = b"", 2
+        written = self._write(wbufs, reply.ljust(inlen, b"\0")[:inlen] if reply else b"")
+        # Status byte lives in the last writable byte of the chain.
+        last = wbufs[-1]
+        self._views(last[0] + last[1] - 1, 1, 2)[0][:] = bytes([status])
+        self._push(vq, head, 1 if self.short_len else (written if reply else 0) + 1)
+        return 1
 
     # -- device context --
     def start_thread(self):
@@ -408,7 +434,11 @@ class MockVhostVdpa:
         self.error = None
         try:
             while True:
-                for key, _ in sel.select():
+                due = min((h[0] for h in self.held), default=None)
+                events = sel.select(None if due is None else max(0, due - time.monotonic()))
+                if self.held:
+                    self.complete_held()
+                for key, _ in events:
                     if key.data is None:
                         return
                     try:

@@ -1682,6 +1682,357 @@ def test_lost_kick_is_recovered_by_the_tick_and_counted_once(tmpdir_short):
 
 
 # ---------------------------------------------------------------------------
+# QEMU's stop and restart, out-of-order completion, what is logged and when
+# ---------------------------------------------------------------------------
+
+def delayed_opener(delays, kind="blk", **kw):
+    """Mock openers whose blk requests for the sectors in `delays` take that
+    many seconds (the others complete at once): out-of-order completion."""
+    disk = bytearray(8 << 20)
+    made = []
+
+    def open_(path):
+        dev = mockvdpa.MockVhostVdpa(kind, **kw)
+        if kind == "blk":
+            dev.disk = disk
+        dev.delays = dict(delays)
+        made.append(dev)
+        return dev
+    open_.made = made
+    return open_
+
+
+def qemu_stop(fe):
+    """QEMU 7.2's vhost_dev_stop: SET_STATUS(0), SET_VRING_ENABLE(0), GET_VRING_BASE."""
+    fe.set_status(0)
+    fe.call_msg(svq.VHOST_USER_SET_VRING_ENABLE, STATE.pack(0, 0), ack=True)
+    return fe.get_vring_base()
+
+
+def test_qemu_stop_keeps_the_ring_state_and_restarts_where_it_stopped(tmpdir_short, capfd):
+    """SET_STATUS(0) stops the device but is no reset: GET_VRING_BASE then
+    returns the real index (a QMP stop/cont, or a migration source)."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = ThreadServer(path, shared_disk_opener())
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake(log=True)
+        for rnd in range(3):
+            for slot in range(8):
+                fe.submit(slot, svq.VIRTIO_BLK_T_IN, 8 * slot, token=(rnd, slot))
+            fe.vq.kick()
+            assert len(fe.wait(8)) == 8
+            base = qemu_stop(fe)
+            assert base == 8 * (rnd + 1) == struct.unpack_from("<H", fe.vq.ring.used, 2)[0]
+            assert not srv.srv.conn.running
+            fe.start_ring(base=base, log=True)          # cont: the rings again, DRIVER_OK
+            assert srv.srv.conn.running
+        assert fe.vq.get_used() is None
+    finally:
+        fe.close()
+        srv.stop()
+    assert "jumped" not in capfd.readouterr().err
+
+
+def test_stop_drains_requests_completing_out_of_order(tmpdir_short):
+    """Requests complete out of order (lba 8 is slow): the stop lets the slow
+    one finish, so the restart index is exact; rewinding by the count in
+    flight would run the completed request after it a second time."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = ThreadServer(path, delayed_opener({8: 0.4}))
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake(log=True)
+        for slot in range(3):
+            fe.submit(slot, svq.VIRTIO_BLK_T_IN, 8 * slot, token=slot)
+        fe.vq.kick()
+        done = fe.wait(2)
+        assert sorted(t for t, _ in done) == [0, 2]
+        assert qemu_stop(fe) == 3
+        done += fe.wait(1)
+        fe.start_ring(base=3, log=True)
+        fe.submit(3, svq.VIRTIO_BLK_T_IN, 0, token=3)
+        fe.vq.kick()
+        done += fe.wait(1)
+        time.sleep(0.2)
+        assert sorted(t for t, _ in done) == [0, 1, 2, 3] and fe.vq.get_used() is None
+        assert all(fe.status(s) == 0 for s in range(4))
+    finally:
+        fe.close()
+        srv.stop()
+
+
+@pytest.mark.parametrize("stuck", ["middle", "last"])
+def test_stop_with_a_request_stuck_past_the_drain(tmpdir_short, monkeypatch, capfd, stuck):
+    """A request the device never completes: the last one taken is handed
+    back (the restarted queue runs it once); one with completed requests
+    after it cannot be, and is completed as failed (IOERR), never twice."""
+    monkeypatch.setattr(svq, "VU_DRAIN_SECONDS", 0.3)
+    lba = 8 if stuck == "middle" else 16
+    path = os.path.join(tmpdir_short, "vu.sock")
+    opener = delayed_opener({lba: 30.0})
+    srv = ThreadServer(path, opener)
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake(log=True)
+        for slot in range(3):
+            fe.submit(slot, svq.VIRTIO_BLK_T_IN, 8 * slot, token=slot)
+        fe.vq.kick()
+        done = fe.wait(2)
+        base = qemu_stop(fe)
+        for dev in opener.made:
+            dev.delays = {}
+        if stuck == "middle":
+            assert base == 3
+            done += fe.wait(1)
+            assert fe.status(1) == svq.VIRTIO_BLK_S_IOERR
+            assert "1 requests did not complete" in capfd.readouterr().err
+        else:
+            assert base == 2
+            fe.start_ring(base=base, log=True)
+            done += fe.wait(1)
+            assert fe.status(2) == 0
+        time.sleep(0.2)
+        assert sorted(t for t, _ in done) == [0, 1, 2] and fe.vq.get_used() is None
+    finally:
+        fe.close()
+        srv.stop()
+
+
+def test_identical_mem_table_keeps_the_device_running(tmpdir_short):
+    """QEMU sends the same SET_MEM_TABLE again right after a start: no stop
+    (a request in flight completes where it is)."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    opener = delayed_opener({8: 0.3})
+    srv = ThreadServer(path, opener)
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake()
+        fe.submit(0, svq.VIRTIO_BLK_T_IN, 8)
+        fe.vq.kick()
+        q = srv.srv.conn.vrings[0].svq
+        fe.set_mem_table()
+        assert srv.srv.conn.running and srv.srv.conn.vrings[0].svq is q
+        assert len(fe.wait(1)) == 1 and fe.status(0) == 0
+        assert len(opener.made) == 2 and opener.made[-1].status & svq.VIRTIO_CONFIG_S_DRIVER_OK  # probe, connection
+    finally:
+        fe.close()
+        srv.stop()
+
+
+def test_long_indirect_chain_from_a_guest_is_bounced_through_serve(tmpdir_short):
+    """A Linux-like read: one indirect table of 130 entries (header, 128
+    segments of 512 bytes, status), longer than half the 256-entry shadow
+    ring: bounced, the data arrives, every written page is logged."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    opener = shared_disk_opener()
+    srv = ThreadServer(path, opener)
+    fe = Frontend(features_extra=INDIRECT)
+    try:
+        fe.connect(path)
+        fe.handshake(log=True)
+        table = fe.meta_gpa + 0x8000                # 130 * 16 bytes
+        hdr, status = fe.meta_gpa, fe.meta_gpa + 16
+        data = fe.buf_gpa                           # 128 * 512 = 16 pages
+        pattern_ = bytes((i * 13 + 5) & 0xff for i in range(128 * 512))
+        disk = srv.srv.conn.dev.dev.disk
+        disk[8 * 512:8 * 512 + len(pattern_)] = pattern_
+        fe.mem.write(hdr, struct.pack("<IIQ", svq.VIRTIO_BLK_T_IN, 0, 8))
+        entries = [(hdr, 16, 0)] + [(data + k * 512, 512, svq.VRING_DESC_F_WRITE)
+                                    for k in range(128)] + [(status, 1, svq.VRING_DESC_F_WRITE)]
+        for k, (a, n, f) in enumerate(entries):
+            nxt = svq.VRING_DESC_F_NEXT if k + 1 < len(entries) else 0
+            fe.mem.write(table + 16 * k, struct.pack("<QIHH", a, n, f | nxt, k + 1))
+        vq = fe.vq
+        vq.ring.desc64[0] = table
+        vq.ring.desc64[1] = len(entries) * 16 | svq.VRING_DESC_F_INDIRECT << 32
+        vq.tokens[0] = "big"
+        vq.num_free -= 1
+        vq.chain_len[0] = 1
+        vq.ring.avail16[2 + (vq.avail_idx & (vq.num - 1))] = 0
+        vq.avail_idx += 1
+        fe.log.clear()
+        vq.kick()
+        assert fe.wait(1) == [("big", len(pattern_) + 1)]
+        assert fe.mem.read(data, len(pattern_)) == pattern_ and fe.status(0) == 0
+        assert set(fe.log.pages()) == {p >> 12 for p in range(data, data + len(pattern_), 4096)} \
+            | {status >> 12} | used_pages(fe)
+        assert srv.srv.conn.vrings[0].svq.stats.bounced == 1
+    finally:
+        fe.close()
+        srv.stop()
+
+
+class NetFrontend(Frontend):
+    """Two queues (RX 0, TX 1) on the memfd guest memory, for net."""
+
+    def __init__(self):
+        super().__init__()
+        self.vq.release()
+        self.kicks = [svq.eventfd() for _ in range(2)]
+        self.calls = [svq.eventfd() for _ in range(2)]
+        self.vqs = [svq.DriverVirtqueue(i, self.mem, NUM, GPA_BASE + i * 8 * PAGE, self.features,
+                                        self.kicks[i], self.calls[i]) for i in range(2)]
+        self.vq = self.vqs[0]
+
+    def start_ring(self, base=0, log=False):
+        for i, vq in enumerate(self.vqs):
+            self.call_msg(svq.VHOST_USER_SET_VRING_NUM, STATE.pack(i, NUM), ack=True)
+            self.call_msg(svq.VHOST_USER_SET_VRING_BASE, STATE.pack(i, base), ack=True)
+            self.call_msg(svq.VHOST_USER_SET_VRING_ADDR, struct.pack(
+                "<IIQQQQ", i, 1 if log else 0, self.uaddr(vq.desc_gpa), self.uaddr(vq.used_gpa),
+                self.uaddr(vq.avail_gpa), vq.used_gpa), ack=True)
+            self.call_msg(svq.VHOST_USER_SET_VRING_KICK, U64.pack(i), [self.kicks[i]], ack=True)
+            self.call_msg(svq.VHOST_USER_SET_VRING_CALL, U64.pack(i), [self.calls[i]], ack=True)
+        self.set_status(ACK_DRIVER_OK)
+        for i in range(2):
+            self.call_msg(svq.VHOST_USER_SET_VRING_ENABLE, STATE.pack(i, 1), ack=True)
+
+    def close(self):
+        for vq in self.vqs[1:]:
+            vq.release()
+        super().close()
+        for fd in self.kicks + self.calls:
+            os.close(fd)
+
+
+def test_send_rarp_announces_the_guest_on_the_tx_queue(tmpdir_short):
+    """After a migration QEMU asks the destination to announce the guest's
+    MAC: a RARP frame goes out on TX (svq.py's own buffer: the guest's TX ring
+    sees nothing), and the mock loops the broadcast back to the guest's RX."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = ThreadServer(path, mockvdpa.opener("net"))
+    fe = NetFrontend()
+    try:
+        fe.connect(path)
+        feats = fe.get_u64(svq.VHOST_USER_GET_PROTOCOL_FEATURES)
+        assert feats >> svq.VHOST_USER_PROTOCOL_F_RARP & 1
+        assert not feats >> svq.VHOST_USER_PROTOCOL_F_CONFIG & 1     # QEMU net warns on it
+        fe.handshake()
+        rx = fe.vqs[0]
+        for i in range(4):
+            assert rx.add([(fe.buf_gpa + i * 2048, 2048, True)], i)
+        rx.kick()
+        mac = bytes.fromhex("525400123456")
+        fe.call_msg(svq.VHOST_USER_SEND_RARP, mac + b"\0\0", ack=True)
+        end = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < end:
+            got = rx.get_used()
+            time.sleep(0.01)
+        assert got is not None, "no RARP frame came back"
+        token, length = got
+        frame = fe.mem.read(fe.buf_gpa + token * 2048 + 12, length - 12)
+        assert frame[:6] == b"\xff" * 6 and frame[6:12] == mac and frame[12:14] == b"\x80\x35"
+        assert frame[14:22] == bytes.fromhex("0001080006040003") and frame[22:28] == mac
+        assert fe.vqs[1].get_used() is None and srv.srv.conn.vrings[1].svq.in_flight == 0
+    finally:
+        fe.close()
+        srv.stop()
+
+
+def test_svq_commits_the_log_only_after_the_used_index_is_stored(rig):
+    """A log reader clears a bit, then copies the page: a bit set before the
+    used index it stands for could be cleared and the page copied without
+    it.  Every bit is set (commit) with the index already in memory."""
+    r = rig()
+    seen = []
+
+    class SpyLog(svq.DirtyLog):
+        def commit(self):
+            if self.pending:
+                seen.append((r.drv.ring.used16[1], r.svq.guest_used_idx, self.count()))
+            super().commit()
+    log = SpyLog(r.mem.size >> 12)
+    r.svq.set_log(log, r.drv.used_gpa)
+    for k in range(3):
+        r.guest_add([(0x112000, 0x800, True)], k)
+        r.svq.handle_guest_kick()
+        (head,) = r.device_pop()
+        r.pending.clear()
+        r.device_push(head, 0x800)
+        seen.clear()
+        r.svq.handle_device_call()
+        assert seen and all(used == mine == k + 1 for used, mine, _ in seen)
+        assert r.drv.get_used() == (k, 0x800)
+        assert {0x112, r.drv.used_gpa >> 12} <= set(log.pages())
+        log.clear()
+
+
+def test_svq_logs_its_own_writes_to_the_used_ring_from_the_start(rig):
+    """A queue restarted while logging writes the used ring's flags and
+    avail_event before any request: those pages are logged too."""
+    r = rig()
+    log = svq.DirtyLog(r.mem.size >> 12)
+    q = svq.ShadowVirtqueue(0, r.mem, r.drv.ring, r.sring, (0, 0, 0), 0, 0, r.drv.kick_fd,
+                            r.drv.call_fd, r.dkick, r.dcall, log=log, log_used_gpa=r.drv.used_gpa)
+    used = r.drv.used_gpa
+    assert set(log.pages()) == {used >> 12, (used + 4 + 8 * 8) >> 12}
+    q.set_log(None)
+
+
+def _atomic_worker(buf_fd, use_atomic, seconds, out):
+    """Child: set bit 0 of byte 0 over and over, as our log does."""
+    mm = mmap.mmap(buf_fd, 4096)
+    log = svq.DirtyLog(buf=memoryview(mm), shared=use_atomic)
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        for _ in range(200):
+            log.mark(0, 1)
+            log.commit()
+        n += 200
+    os.write(out, struct.pack("<Q", n))
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "plain-control"])
+def test_two_processes_share_one_log_without_losing_bits(atomic):
+    """Two writers on one log, in two processes: ours sets bit 0 of a byte
+    while 'another backend' clears and sets bit 1 of the same byte and checks
+    it.  With the atomic OR the other's bit is never lost; the control (a
+    plain read-modify-write, what svq.py did before) loses it."""
+    fd = os.memfd_create("log", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 4096)
+    mm = mmap.mmap(fd, 4096)
+    native = svq.native()
+    block = __import__("array").array("Q", [svq.mmap_address(mm), 4096, 1, 0 << 8 | 2])
+    r, w = os.pipe()
+    seconds = 1.5
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _atomic_worker(fd, atomic, seconds, w)
+        finally:
+            os._exit(0)
+    lost = rounds = 0
+    end = time.monotonic() + seconds
+    try:
+        time.sleep(0.05)
+        while time.monotonic() < end:
+            mm[0] &= 0xfd                       # clear our bit (others may be set)
+            native.or_bytes(block.buffer_info()[0])     # set it, atomically
+            if not mm[0] & 2:
+                lost += 1
+            rounds += 1
+    finally:
+        os.waitpid(pid, 0)
+    n = struct.unpack("<Q", os.read(r, 8))[0]
+    for f in (r, w, fd):
+        os.close(f)
+    del block
+    mm.close()
+    assert n > 1000 and rounds > 1000
+    if atomic:
+        assert lost == 0, "%d of %d bits lost" % (lost, rounds)
+    else:
+        assert lost > 0, "the control lost nothing in %d rounds: the test has no teeth" % rounds
+
+
+# ---------------------------------------------------------------------------
 # Hostile frontends
 # ---------------------------------------------------------------------------
 
