@@ -10,6 +10,8 @@ by SVQ_NET_DEV, SVQ_BLK_DEV, SVQ_VDUSE_DEV (the VM rig sets them: vm/run).
 
 import contextlib
 import ctypes
+import fcntl
+import gc
 import glob
 import io
 import json
@@ -991,6 +993,56 @@ def test_cli_errors_are_one_line():
     assert "two CPU numbers" in one_line_error(run_cli("run", "/dev/x", "--cpus", "1"))
     line = one_line_error(run_cli("run", "/dev/vhost-vdpa-404", "--cpus", "0,4095"))
     assert "CPU 4095 is not available" in line and "allowed: " in line
+    for bad in ("nan", "inf", "1e400"):
+        assert "finite" in one_line_error(run_cli("run", "/dev/x", "--seconds", bad))
+    assert "a file path is needed" in one_line_error(run_cli("serve", "/dev/null", "--socket", ""))
+    assert "no directory" in one_line_error(run_cli("serve", "/dev/null", "--socket", "/no/such/s"))
+    assert "longer than a Unix socket path" in one_line_error(
+        run_cli("serve", "/dev/null", "--socket", "/tmp/" + "x" * 120))
+    assert "not a MAC address" in one_line_error(run_cli("serve", "/dev/null", "--socket", "/tmp/s",
+                                                         "--mac", "52:54"))
+
+
+def test_blk_queue_too_small_for_one_request_is_a_usage_error():
+    with pytest.raises(svq.UsageError, match="too small for one 4096-byte request"):
+        svq.BuiltinRun("/dev/mock", queue_size=2, opener=mockvdpa.opener("blk"))
+    run = svq.BuiltinRun("/dev/mock", queue_size=2, indirect=True, count=20,
+                         opener=mockvdpa.opener("blk"))
+    try:
+        run.run()
+        s = run.summary()
+    finally:
+        run.close()
+    assert s["requests"] >= 20 and s["errors"] == 0, s["error_messages"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_before_the_loop_is_one_line_never_a_traceback(sig):
+    """A signal while svq.py is busy outside an event loop (here: blocked
+    writing its help into a full pipe): one line and 128+sig, no traceback,
+    no silent death.  (Before svq.py's first line runs, while Python starts
+    and compiles it, a signal gets Python's own default.)"""
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, bytes(4096))
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    p = subprocess.Popen(SVQ + ["run", "--help"], stdout=w, stderr=subprocess.PIPE,
+                         universal_newlines=True)
+    os.close(w)
+    try:
+        time.sleep(1.5)                          # well into main(): its write blocks
+        assert p.poll() is None
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=30)
+    finally:
+        os.close(r)
+    assert p.returncode == 128 + sig and "Traceback" not in err, (p.returncode, err)
+    assert err.strip() == "svq: interrupted by %s" % signal.Signals(sig).name, err
 
 
 def test_cli_non_vdpa_char_device():
@@ -1142,6 +1194,40 @@ def test_sigterm_mid_run_resets_device_and_it_is_reusable():
     assert device_status(path) == ["RESET"]
     s = json_run(path, "--count", "200")
     assert s["errors"] == 0
+
+
+@pytest.mark.vdpa
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signals_at_any_moment_of_a_run_leave_a_clean_device(sig):
+    """A signal during start-up (imports, device bring-up) or the run itself:
+    one line or a partial summary, exit 128+sig, no traceback, and the
+    device reset and free for the next run."""
+    path = device("SVQ_BLK_DEV")
+    for delay in (0.15, 0.3, 0.5, 0.8, 1.2, 2.0):
+        p = subprocess.Popen(SVQ + ["run", path, "--seconds", "20"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, universal_newlines=True)
+        time.sleep(delay)
+        p.send_signal(sig)
+        out, err = p.communicate(timeout=60)
+        assert "Traceback" not in err and p.returncode == 128 + sig, (delay, p.returncode, err)
+        assert "svq: interrupted by" in err or "integrity errors 0" in out, (delay, out, err)
+        assert device_status(path) == ["RESET"]
+    assert json_run(path, "--count", "50")["errors"] == 0
+
+
+@pytest.mark.vdpa
+def test_sigkill_of_run_frees_the_device_at_once():
+    """The driver child never holds the device fd and dies with its parent:
+    a run started right after `kill -9` of another finds the device free."""
+    path = device("SVQ_NET_DEV")
+    for _ in range(4):
+        p = subprocess.Popen(SVQ + ["run", path, "--seconds", "30"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, universal_newlines=True)
+        time.sleep(2.5)
+        p.kill()
+        p.wait()
+        s = json_run(path, "--count", "100")
+        assert s["errors"] == 0 and s["requests"] >= 100
 
 
 @pytest.mark.vdpa
@@ -2099,6 +2185,58 @@ MALFORMED["used ring outside memory"] = _ring_outside
 MALFORMED["descriptor outside memory"] = _desc_outside
 
 
+def _indirect(entries, length=None):
+    """A case: post one INDIRECT descriptor whose table holds `entries`
+    ((addr, len, flags, next) each) and kick."""
+    def case(fe):
+        fe.features |= INDIRECT
+        fe.handshake()
+        table = fe.buf_gpa
+        for k, e in enumerate(entries):
+            fe.mem.write(table + 16 * k, struct.pack("<QIHH", *e))
+        vq = fe.vq
+        vq.ring.desc64[0] = table
+        vq.ring.desc64[1] = (length or 16 * len(entries)) | svq.VRING_DESC_F_INDIRECT << 32
+        vq.ring.avail16[2] = 0
+        vq.ring.avail16[1] = 1
+        os.write(fe.kick, U64.pack(1))
+    return case
+
+
+_N, _W, _I = svq.VRING_DESC_F_NEXT, svq.VRING_DESC_F_WRITE, svq.VRING_DESC_F_INDIRECT
+MALFORMED["indirect nested"] = _indirect([(GPA_BASE, 16, _N, 1), (GPA_BASE, 32, _I, 0)])
+MALFORMED["indirect entry outside memory"] = _indirect([(0xdead0000000, 512, _W, 0)])
+MALFORMED["indirect loop"] = _indirect([(GPA_BASE, 16, _N, 1), (GPA_BASE, 16, _N, 0)])
+MALFORMED["indirect next out of table"] = _indirect([(GPA_BASE, 16, _N, 5), (GPA_BASE, 16, 0, 0)])
+MALFORMED["indirect table of 65536 entries"] = _indirect(
+    [(GPA_BASE, 16, _N, k + 1) for k in range(64)], length=65536 * 16)
+
+
+def _kick_memfd_on_running_queue(fe):
+    fe.handshake()
+    fd = os.memfd_create("notakick", os.MFD_CLOEXEC)
+    try:
+        fe.send(svq.VHOST_USER_SET_VRING_KICK, U64.pack(0), [fd])
+    finally:
+        os.close(fd)
+
+
+def _kick_pending_bad_chain(fe):
+    fe.handshake()
+    svq._DESC.pack_into(fe.vq.ring.desc, 0, 0xdead0000000, 512, 0, 0)
+    fe.vq.ring.avail16[2] = 0
+    fe.vq.ring.avail16[1] = 1
+    k = svq.eventfd()
+    try:
+        fe.send(svq.VHOST_USER_SET_VRING_KICK, U64.pack(0), [k])
+    finally:
+        os.close(k)
+
+
+MALFORMED["kick memfd on a running queue"] = _kick_memfd_on_running_queue
+MALFORMED["new kick with a bad chain pending"] = _kick_pending_bad_chain
+
+
 def fd_table():
     out = {}
     for fd in os.listdir("/proc/self/fd"):
@@ -2110,11 +2248,19 @@ def fd_table():
 
 
 @pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_malformed_message_closes_connection_only(tmpdir_short, name):
+def test_malformed_message_closes_connection_only(tmpdir_short, name, capfd):
+    """Each bad message or ring closes its connection with one log line, and
+    the idle server is left with exactly what it had: fds, mappings, threads
+    (counted with the cyclic GC off: a leak through a reference cycle, as a
+    traceback that pins ring views, counts too)."""
     path = os.path.join(tmpdir_short, "vu.sock")
     fds_before = fd_table()
     srv = ThreadServer(path, mockvdpa.opener("blk"))
+    leaks = svq.SharedMemory.leaks
+    gc_was = gc.isenabled()
+    gc.disable()
     try:
+        idle = census()
         fe = Frontend()
         try:
             fe.connect(path)
@@ -2122,6 +2268,11 @@ def test_malformed_message_closes_connection_only(tmpdir_short, name):
             assert fe.is_closed(), "the backend kept a connection after: %s" % name
         finally:
             fe.close()
+        wait_idle(srv)
+        assert census() == idle, "the idle server kept something after: %s" % name
+        assert svq.SharedMemory.leaks == leaks
+        err = capfd.readouterr().err
+        assert len(re.findall("frontend connection closed", err)) == 1 and "Traceback" not in err, err
         fe = Frontend()                     # the server still serves
         try:
             fe.connect(path)
@@ -2132,8 +2283,25 @@ def test_malformed_message_closes_connection_only(tmpdir_short, name):
         finally:
             fe.close()
     finally:
+        if gc_was:
+            gc.enable()
         srv.stop()
     assert fd_table() == fds_before
+
+
+def census():
+    """fds, shared mappings (guest memory, logs, shadow rings) and threads of
+    this process."""
+    with open("/proc/self/maps") as f:
+        maps = sum(1 for line in f if "memfd:" in line or "/dev/zero" in line)
+    return len(os.listdir("/proc/self/fd")), maps, threading.active_count()
+
+
+def wait_idle(srv, timeout=5):
+    deadline = time.monotonic() + timeout
+    while srv.srv.conn is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.srv.conn is None, "the server did not close the connection"
 
 
 def test_second_frontend_refused_and_socket_mode(tmpdir_short, capfd):
@@ -2169,13 +2337,7 @@ def test_reconnect_leaks_nothing(tmpdir_short):
     or thread is left behind in the server."""
     path = os.path.join(tmpdir_short, "vu.sock")
     srv = ThreadServer(path, shared_disk_opener())
-
-    def census():
-        import gc
-        gc.collect()
-        with open("/proc/self/maps") as f:   # shared mappings: guest, log, shadow rings
-            maps = sum(1 for line in f if "memfd:" in line or "/dev/zero" in line)
-        return len(os.listdir("/proc/self/fd")), maps, threading.active_count()
+    gc.disable()                            # a cycle that holds a mapping is a leak too
     try:
         for warm in (True, False):
             before = census()
@@ -2191,13 +2353,220 @@ def test_reconnect_leaks_nothing(tmpdir_short):
                         fe.wait(4)
                 finally:
                     fe.close()              # sometimes with requests in flight
-            deadline = time.monotonic() + 5
-            while srv.srv.conn is not None and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_idle(srv)
             after = census()
         assert after == before, "leak: fds/maps/threads %s -> %s" % (before, after)
     finally:
+        gc.enable()
         srv.stop()
+
+
+# ---------------------------------------------------------------------------
+# Hostile frontends against the server process: fds that could block it,
+# memory that shrinks under it, messages that trickle in
+# ---------------------------------------------------------------------------
+
+MOCK_SERVE = """
+import sys, signal, svq, mockvdpa
+srv = svq.VhostUserServer("mock", sys.argv[1], opener=mockvdpa.opener(sys.argv[2]), isolate=True)
+sig = srv.run()
+sys.exit(0 if sig in (None, signal.SIGTERM, signal.SIGINT) else 1)
+"""
+
+
+class MockProcessServer(ProcessServer):
+    """`serve` as the CLI runs it (a worker process per connection), on the
+    mock device, in a process of its own."""
+
+    def __init__(self, path, kind="blk"):
+        self.path = path
+        self.errlog = open(path + ".log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-c", MOCK_SERVE, path, kind],
+                                     stderr=self.errlog, cwd=HERE)
+        end = time.monotonic() + 30
+        while not os.path.exists(path):
+            assert self.proc.poll() is None, self.log()
+            assert time.monotonic() < end, "server did not start"
+            time.sleep(0.02)
+
+    def census(self):
+        pid = self.proc.pid
+        with open("/proc/%d/maps" % pid) as f:
+            maps = sum(1 for line in f if "memfd:" in line or "/dev/zero" in line)
+        with open("/proc/%d/status" % pid) as f:
+            threads = [line for line in f if line.startswith("Threads:")]
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            children = f.read().split()
+        return len(os.listdir("/proc/%d/fd" % pid)), maps, threads, len(children)
+
+    def wait_no_worker(self, timeout=10):
+        deadline = time.monotonic() + timeout
+        while self.census()[3] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not self.census()[3], "the worker did not exit:\n" + self.log()
+
+    def stop(self, within=1.0):
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("SIGTERM ignored\n" + self.log())
+        took = time.monotonic() - t0
+        log = self.log()
+        self.errlog.close()
+        assert rc == 0 and took < within, "exit %s after %.2f s\n%s" % (rc, took, log)
+        assert not os.path.exists(self.path), "socket not removed on exit"
+        assert "Traceback" not in log, log
+        return log
+
+
+def _blocking_eventfd(count=0):
+    fd = ctypes.CDLL(None, use_errno=True).eventfd(0, 0o2000000)       # EFD_CLOEXEC only
+    assert fd >= 0
+    if count:
+        os.write(fd, U64.pack(count))
+    return fd
+
+
+def _serves_again(path):
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake()
+        fe.submit(0, svq.VIRTIO_BLK_T_GET_ID, 0)
+        fe.vq.kick()
+        assert len(fe.wait(1)) == 1
+    finally:
+        fe.close()
+
+
+@pytest.mark.parametrize("what", ["guest memory", "log"])
+def test_a_frontend_that_shrinks_its_memory_kills_only_its_worker(tmpdir_short, what):
+    """ftruncate() of a shared memory file under the server: the next access
+    is SIGBUS, which only the connection's worker process takes; the server
+    logs it, serves the next frontend and stops on SIGTERM in time."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = MockProcessServer(path)
+    try:
+        idle = srv.census()
+        fe = Frontend()
+        try:
+            fe.connect(path)
+            fe.handshake(log=what == "log")
+            fe.submit(0, svq.VIRTIO_BLK_T_IN, 0)
+            vq = fe.vq
+            vq.ring.avail16[1] = vq.avail_idx       # published, not kicked yet
+            if what == "log":
+                os.ftruncate(fe.log_fd, 0)          # the completion's log write faults
+            else:
+                os.ftruncate(fe.memfd, 0)           # reading the ring faults
+            os.write(fe.kick, U64.pack(1))
+            assert fe.is_closed(timeout=20), srv.log()
+        finally:
+            fe.vq.ring = None                       # never touch the truncated memory
+            fe.close()
+        srv.wait_no_worker()
+        assert "the worker died of SIGBUS" in srv.log()
+        assert srv.census() == idle
+        _serves_again(path)
+        srv.wait_no_worker()
+    finally:
+        log = srv.stop()
+    assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("case", ["kick: blocking eventfd", "call: full blocking eventfd",
+                                  "call: pipe", "kick: socket", "call: memfd", "err: directory",
+                                  "kick: /dev/null", "call: short file"])
+def test_notification_fds_cannot_hang_the_server_or_be_written_into(tmpdir_short, case):
+    """A kick, call or err fd that is not an eventfd is refused; an eventfd
+    is made non-blocking, so a kick fd at 0 never blocks the server in
+    read() and a call fd at its maximum count closes the connection instead
+    of blocking in write().  Nothing is ever written into a file."""
+    which, kind = case.split(": ")
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = MockProcessServer(path)
+    fe = Frontend()
+    memfd = os.memfd_create("victim", os.MFD_CLOEXEC)
+    os.ftruncate(memfd, 4096)
+    made = []
+    try:
+        if kind == "blocking eventfd":
+            fd = _blocking_eventfd()
+        elif kind == "full blocking eventfd":
+            fd = _blocking_eventfd(0xfffffffffffffffe)
+        elif kind == "pipe":
+            r, fd = os.pipe()
+            made.append(r)
+            fcntl_ = __import__("fcntl")
+            fcntl_.fcntl(fd, fcntl_.F_SETPIPE_SZ, 4096)
+            os.set_blocking(fd, False)
+            try:
+                while True:
+                    os.write(fd, bytes(4096))     # a full pipe
+            except BlockingIOError:
+                pass
+        elif kind == "socket":
+            a, b = socket.socketpair()
+            made.append(b.detach())
+            fd = a.detach()
+        elif kind == "memfd":
+            fd = os.dup(memfd)
+        elif kind == "directory":
+            fd = os.open(tmpdir_short, os.O_RDONLY | os.O_DIRECTORY)
+        elif kind == "/dev/null":
+            fd = os.open("/dev/null", os.O_RDWR)
+        else:
+            fd = os.open(os.path.join(tmpdir_short, "short"), os.O_RDWR | os.O_CREAT)
+        made.append(fd)
+        if kind == "pipe":
+            os.set_blocking(fd, True)
+        fe.connect(path)
+        fe.handshake()
+        req = {"kick": svq.VHOST_USER_SET_VRING_KICK, "call": svq.VHOST_USER_SET_VRING_CALL,
+               "err": svq.VHOST_USER_SET_VRING_ERR}[which]
+        fe.send(req, U64.pack(0), [fd])
+        fe.submit(0, svq.VIRTIO_BLK_T_GET_ID, 0)
+        fe.vq.kick()
+        if kind == "blocking eventfd":
+            assert len(fe.wait(1)) == 1           # served, never blocked
+            fe.disconnect()
+        else:
+            assert fe.is_closed(timeout=20), "the connection stayed open\n" + srv.log()
+        srv.wait_no_worker()
+        log = srv.log()
+        if kind != "blocking eventfd":
+            want = "is full|Resource temporarily unavailable" if kind.startswith("full") \
+                else "not an eventfd"
+            assert re.search(want, log), log
+        assert os.pread(memfd, 4096, 0) == bytes(4096), "the server wrote into a memory file"
+        _serves_again(path)
+    finally:
+        fe.close()
+        for f in made + [memfd]:
+            os.close(f)
+        srv.stop()
+
+
+def test_sigterm_is_honoured_while_a_frontend_trickles_a_message(tmpdir_short):
+    """A frontend that sends one byte of a message every 0.4 s: the server
+    keeps serving its loop (SIGTERM stops it within a second) and drops the
+    connection once the message has been half sent for VU_IO_TIMEOUT."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = MockProcessServer(path)
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        assert fe.get_u64(svq.VHOST_USER_GET_FEATURES)
+        msg = HDR.pack(svq.VHOST_USER_SET_FEATURES, 1, 8) + U64.pack(1 << 32)
+        for b in msg[:6]:
+            fe.sock.sendall(bytes([b]))
+            time.sleep(0.4)
+    finally:
+        srv.stop(within=1.0)
+        fe.close()
 
 
 # ---------------------------------------------------------------------------
