@@ -7,7 +7,7 @@ VM_RUN = $(PYTHON) vm/run
 
 export PYTHON
 
-.PHONY: all setup test unit vmtest demo bench smoke clean distclean
+.PHONY: all setup test unit vmtest demo bench smoke fuzz clean distclean
 
 all: test
 
@@ -26,6 +26,12 @@ unit:
 
 vmtest: setup
 	$(VM_RUN) $(PYTHON) -m pytest -p no:cacheprovider -m vdpa -v $(TESTS)
+
+# The serve fuzzer, long (make test runs it for 12 s): SECONDS, SEED to vary.
+SECONDS ?= 600
+SEED ?= 1
+fuzz:
+	SVQ_FUZZ_SECONDS=$(SECONDS) SVQ_FUZZ_SEED=$(SEED) $(PYTEST) -q -k fuzz $(TESTS)
 
 # svq.py on a vdpa_sim net device, for a machine with no vDPA device.
 demo: setup

@@ -131,6 +131,13 @@ class MockVhostVdpa:
     def get_config(self, off, length):
         return self.config[off:off + length]
 
+    def set_config(self, off, data):
+        if off + len(data) > len(self.config):
+            raise svq.DeviceError("VHOST_VDPA_SET_CONFIG", errno.EINVAL)
+        cfg = bytearray(self.config)
+        cfg[off:off + len(data)] = data
+        self.config = bytes(cfg)
+
     def get_vring_num(self):
         return self.queue_max
 
@@ -356,6 +363,10 @@ class MockVhostVdpa:
                 break
             head, bufs = req
             out = self._read(bufs)
+            if len(out) < 16 or not any(b[2] for b in bufs):
+                self._push(vq, head, 0)         # no header or no status: refused
+                done += 1
+                continue
             type_, _, sector = struct.unpack_from("<IIQ", out, 0)
             if sector in self.delays:
                 self.held.append((time.monotonic() + self.delays[sector], vq, head, bufs))

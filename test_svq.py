@@ -2570,6 +2570,265 @@ def test_sigterm_is_honoured_while_a_frontend_trickles_a_message(tmpdir_short):
 
 
 # ---------------------------------------------------------------------------
+# A seeded protocol and fd fuzzer for serve (SVQ_FUZZ_SECONDS, SVQ_FUZZ_SEED;
+# `make fuzz` runs it long)
+# ---------------------------------------------------------------------------
+
+FUZZ_SECONDS = float(os.environ.get("SVQ_FUZZ_SECONDS", "12"))
+FUZZ_SEED = int(os.environ.get("SVQ_FUZZ_SEED", "20261202"))
+FD_KINDS = ["eventfd", "blocking eventfd", "full eventfd", "pipe read", "pipe write", "socket",
+            "memfd", "memfd short", "directory", "/dev/null", "short file", "guest memfd"]
+
+
+class Fuzzer:
+    """One hostile connection after another, from one seeded generator: a
+    valid start cut short anywhere, then random, mutated and fd-carrying
+    messages, ring garbage, memory files that grow or shrink (only where the
+    server runs in a process of its own: shrinking is SIGBUS for whoever
+    touches the memory, the test included), and a disconnect anywhere."""
+
+    def __init__(self, path, rng, tmpdir, shrink):
+        self.path, self.rng, self.tmpdir, self.shrink = path, rng, tmpdir, shrink
+        self.cases = 0
+        self.shrunk = 0
+
+    def fd(self, kind, fe, keep):
+        if kind == "eventfd":
+            fd = svq.eventfd()
+        elif kind == "blocking eventfd":
+            fd = _blocking_eventfd()
+        elif kind == "full eventfd":
+            fd = _blocking_eventfd(0xfffffffffffffffe)
+        elif kind in ("pipe read", "pipe write"):
+            r, w = os.pipe()
+            keep.append(w if kind == "pipe read" else r)
+            fd = r if kind == "pipe read" else w
+        elif kind == "socket":
+            a, b = socket.socketpair()
+            keep.append(b.detach())
+            fd = a.detach()
+        elif kind.startswith("memfd"):
+            fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 4096 if kind.endswith("short") else MEM_SIZE)
+        elif kind == "directory":
+            fd = os.open(self.tmpdir, os.O_RDONLY | os.O_DIRECTORY)
+        elif kind == "/dev/null":
+            fd = os.open("/dev/null", os.O_RDWR)
+        elif kind == "short file":
+            fd = os.open(os.path.join(self.tmpdir, "short"), os.O_RDWR | os.O_CREAT)
+        else:
+            fd = os.dup(fe.memfd)
+        keep.append(fd)
+        return fd
+
+    def random_message(self, fe, keep):
+        """Mostly well-formed messages with hostile values and fds of every
+        kind (to get past the size checks to the deeper ones), some garbage."""
+        rng = self.rng
+        fds = []
+        if rng.random() < 0.25:
+            req = rng.randrange(0, 45)
+            payload = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 4, 8, 40, 300])))
+            fds = [self.fd(rng.choice(FD_KINDS), fe, keep) for _ in range(rng.choice([0, 1, 9]))]
+            fe.send(req, payload, fds[:8], flags=rng.choice([1, 9, 0, 5]))
+            return
+        idx = rng.choice([0, 0, 0, 1, 2, 255])
+        num = rng.choice([0, 1, 2, 63, 64, 128, 256, 1000, 65535, 70000])
+        some_fd = lambda: self.fd(rng.choice(FD_KINDS + ["eventfd", "guest memfd"] * 3), fe, keep)
+        uaddr = lambda: rng.choice([fe.uaddr(fe.vq.desc_gpa), fe.uaddr(fe.vq.used_gpa),
+                                    fe.uaddr(GPA_BASE + MEM_SIZE - 8), fe.uaddr(0), 0, 7,
+                                    rng.getrandbits(64)])
+        kind = rng.randrange(14)
+        if kind == 0:
+            req, payload = svq.VHOST_USER_SET_FEATURES, U64.pack(rng.getrandbits(64) & fe.acked_all
+                                                                  if rng.random() < 0.8 else rng.getrandbits(64))
+        elif kind == 1:
+            req = rng.choice([svq.VHOST_USER_SET_VRING_NUM, svq.VHOST_USER_SET_VRING_BASE,
+                              svq.VHOST_USER_SET_VRING_ENABLE])
+            payload = STATE.pack(idx, num if req != svq.VHOST_USER_SET_VRING_ENABLE else num & 3)
+        elif kind == 2:
+            req = svq.VHOST_USER_SET_VRING_ADDR
+            payload = struct.pack("<IIQQQQ", idx, rng.choice([0, 1, 2]), uaddr(), uaddr(), uaddr(),
+                                  rng.choice([fe.vq.used_gpa, 0, rng.getrandbits(64)]))
+        elif kind in (3, 4):
+            req = rng.choice([svq.VHOST_USER_SET_VRING_KICK, svq.VHOST_USER_SET_VRING_CALL,
+                              svq.VHOST_USER_SET_VRING_ERR])
+            nofd = rng.random() < 0.15
+            payload = U64.pack(idx | (0x100 if nofd else 0))
+            fds = [] if nofd else [some_fd()]
+        elif kind == 5:
+            req = svq.VHOST_USER_SET_MEM_TABLE
+            n = rng.choice([1, 1, 2])
+            regs = b"".join(struct.pack("<QQQQ", rng.choice([GPA_BASE, 0, GPA_BASE + PAGE]),
+                                        rng.choice([MEM_SIZE, PAGE, MEM_SIZE * 2, 0]),
+                                        rng.choice([fe.region.uaddr, 0, rng.getrandbits(48)]),
+                                        rng.choice([0, 0, PAGE, 1])) for _ in range(n))
+            payload = struct.pack("<II", n, 0) + regs
+            fds = [self.fd(rng.choice(["guest memfd"] * 4 + FD_KINDS), fe, keep) for _ in range(n)]
+        elif kind == 6:
+            req = svq.VHOST_USER_SET_LOG_BASE
+            payload = struct.pack("<QQ", rng.choice([PAGE, 0, MEM_SIZE, 1 << 41]), rng.choice([0, PAGE, 3]))
+            fds = [some_fd()]
+        elif kind == 7:
+            req, payload, fds = svq.VHOST_USER_SET_LOG_FD, b"", [some_fd()]
+        elif kind == 8:
+            req, payload = svq.VHOST_USER_GET_VRING_BASE, STATE.pack(idx, 0)
+        elif kind == 9:
+            req, payload = svq.VHOST_USER_SET_STATUS, U64.pack(rng.choice([0, ACK_DRIVER_OK, 8, 0x80, 0x1ff]))
+        elif kind == 10:
+            req = rng.choice([svq.VHOST_USER_GET_CONFIG, svq.VHOST_USER_SET_CONFIG])
+            size = rng.choice([0, 4, 8, 60, 256, 300])
+            payload = struct.pack("<III", rng.choice([0, 8, 56, 4000]), size, 0) + bytes(size)
+        elif kind == 11:
+            req, payload = svq.VHOST_USER_SEND_RARP, bytes.fromhex("5254001234560000")
+        elif kind == 12:
+            req, payload = rng.choice([svq.VHOST_USER_RESET_DEVICE, svq.VHOST_USER_RESET_OWNER]), b""
+        else:
+            req, payload = svq.VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(rng.getrandbits(17))
+        fe.send(req, payload, fds, flags=rng.choice([1, 1, 9]))
+
+    def valid_prefix(self, fe, keep):
+        """A start as a frontend makes it, cut short after any step."""
+        rng = self.rng
+        steps = rng.choice([rng.randrange(0, 12), 12, 12])
+        fe.acked_all = fe.get_u64(svq.VHOST_USER_GET_FEATURES)
+        pf = fe.get_u64(svq.VHOST_USER_GET_PROTOCOL_FEATURES)
+        fe.protocol = pf
+        todo = [
+            lambda: fe.send(svq.VHOST_USER_SET_PROTOCOL_FEATURES, U64.pack(pf)),
+            lambda: fe.send(svq.VHOST_USER_SET_OWNER),
+            lambda: fe.send(svq.VHOST_USER_SET_FEATURES, U64.pack(
+                1 << svq.VIRTIO_F_VERSION_1 | 1 << svq.VHOST_USER_F_PROTOCOL_FEATURES
+                | (1 << svq.VHOST_F_LOG_ALL if rng.random() < 0.5 else 0))),
+            lambda: fe.set_mem_table(),
+            lambda: fe.set_log_base(),
+            lambda: fe.call_msg(svq.VHOST_USER_SET_VRING_NUM, STATE.pack(0, NUM), ack=True),
+            lambda: fe.call_msg(svq.VHOST_USER_SET_VRING_BASE, STATE.pack(0, 0), ack=True),
+            lambda: fe.call_msg(svq.VHOST_USER_SET_VRING_ADDR, struct.pack(
+                "<IIQQQQ", 0, 1, fe.uaddr(fe.vq.desc_gpa), fe.uaddr(fe.vq.used_gpa),
+                fe.uaddr(fe.vq.avail_gpa), fe.vq.used_gpa), ack=True),
+            lambda: fe.call_msg(svq.VHOST_USER_SET_VRING_KICK, U64.pack(0), [fe.kick], ack=True),
+            lambda: fe.call_msg(svq.VHOST_USER_SET_VRING_CALL, U64.pack(0), [fe.call], ack=True),
+            lambda: fe.call_msg(svq.VHOST_USER_SET_VRING_ENABLE, STATE.pack(0, 1), ack=True),
+            lambda: fe.set_status(ACK_DRIVER_OK),
+        ]
+        for step in todo[:steps]:
+            step()
+        return steps
+
+    def ring_garbage(self, fe):
+        rng, vq = self.rng, fe.vq
+        for i in range(rng.randrange(1, 4)):
+            slot = rng.randrange(NUM)
+            addr = rng.choice([fe.buf_gpa + rng.randrange(64) * PAGE, 0, 0xdead0000000,
+                               GPA_BASE + MEM_SIZE - 8, rng.getrandbits(64)])
+            length = rng.choice([0, 1, 16, 512, PAGE, 1 << 20, 0xffffffff])
+            flags = rng.choice([0, 1, 2, 3, 4, 5, 7])
+            svq._DESC.pack_into(vq.ring.desc, slot * 16, addr, length, flags, rng.randrange(NUM + 4))
+            vq.ring.avail16[2 + (vq.avail_idx + i) % NUM] = rng.choice([slot, rng.randrange(70000) & 0xffff])
+        vq.ring.avail16[1] = (vq.avail_idx + rng.choice([1, 2, 3, 200, 40000])) & 0xffff
+        os.write(fe.kick, U64.pack(1))
+
+    def case(self):
+        """One connection; returns what it did to the memory file."""
+        rng = self.rng
+        fe = Frontend()
+        keep = []
+        fe.features |= INDIRECT if rng.random() < 0.5 else 0
+        poisoned = False
+        try:
+            fe.connect(self.path)
+            fe.sock.settimeout(5)
+            try:
+                steps = self.valid_prefix(fe, keep)
+                for _ in range(rng.randrange(0, 10)):
+                    action = rng.random()
+                    if action < 0.45:
+                        self.random_message(fe, keep)
+                    elif action < 0.6 and not poisoned and steps >= 11:
+                        fe.submit(rng.randrange(8), svq.VIRTIO_BLK_T_IN, 8 * rng.randrange(64))
+                        fe.vq.kick()
+                    elif action < 0.7 and not poisoned and steps >= 9:
+                        self.ring_garbage(fe)
+                    elif action < 0.8:
+                        qemu_stop(fe)                   # a stop, QEMU's way; then maybe more
+                    elif action < 0.9 and not poisoned:
+                        if self.shrink and rng.random() < 0.5:
+                            os.ftruncate(fe.memfd, rng.choice([0, PAGE, MEM_SIZE // 2]))
+                            poisoned = True
+                            self.shrunk += 1
+                        else:
+                            os.ftruncate(fe.memfd, MEM_SIZE * 2)
+                    else:
+                        break                   # disconnect right here
+            except (Closed, OSError, AssertionError):
+                pass                            # the server closed on us: fine
+        finally:
+            if poisoned:
+                fe.vq.ring = None               # never touch truncated memory
+            fe.close()
+            for fd in keep:
+                os.close(fd)
+        self.cases += 1
+
+
+def _fuzz(server, path, tmpdir_short, seconds, seed, shrink, census, idle_wait):
+    rng = __import__("random").Random(seed)
+    fz = Fuzzer(path, rng, tmpdir_short, shrink)
+    base = census()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        fz.case()
+        idle_wait()
+        now = census()
+        assert now == base, "case %d (seed %d): the idle server changed %s -> %s" % (
+            fz.cases, seed, base, now)
+    _serves_again(path)
+    idle_wait()
+    return fz
+
+
+def test_fuzz_serve_in_process(tmpdir_short, capfd):
+    """The fuzzer against the connection code itself (no worker process to
+    hide a leak): after every case this process has the fds, mappings and
+    threads it had, with the cyclic GC off; no traceback; a log line per
+    connection."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = ThreadServer(path, shared_disk_opener())
+    leaks = svq.SharedMemory.leaks
+    gc.disable()
+    try:
+        fz = _fuzz(srv, path, tmpdir_short, FUZZ_SECONDS / 2, FUZZ_SEED, False, census,
+                   lambda: wait_idle(srv))
+    finally:
+        gc.enable()
+        srv.stop()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err
+    assert svq.SharedMemory.leaks == leaks
+    assert err.count("frontend connection closed") == fz.cases + 1
+    assert fz.cases >= 10
+
+
+def test_fuzz_serve_process(tmpdir_short):
+    """The fuzzer against `serve` as the CLI runs it, memory files shrinking
+    included: it stays up, comes back to its idle fds, mappings and threads
+    with no worker left after every case, logs no traceback, and stops on
+    SIGTERM within a second at the end."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = MockProcessServer(path)
+    try:
+        fz = _fuzz(srv, path, tmpdir_short, FUZZ_SECONDS / 2, FUZZ_SEED + 1, True, srv.census,
+                   srv.wait_no_worker)
+        assert srv.proc.poll() is None
+    finally:
+        log = srv.stop(within=1.0)
+    assert "Traceback" not in log and fz.cases >= 5
+    died = len(re.findall("worker died of", log))
+    assert died == len(re.findall("worker died of SIGBUS", log)) <= fz.shrunk, log[-3000:]
+
+
+# ---------------------------------------------------------------------------
 # DPDK testpmd (virtio-user) through vdpa_sim_net
 # ---------------------------------------------------------------------------
 
