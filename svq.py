@@ -3129,7 +3129,7 @@ class BuiltinRun:
             else:
                 self.svqs.append(self._shadow_queue(vq, dq, device_features, guest_features))
         drv.attach(queues)
-        dev.start(range(nq))
+        self.nq = nq                    # run() starts them (DRIVER_OK), after the fork
 
     def _shadow_queue(self, vq, dq, device_features, guest_features):
         dev, num = self.dev, dq.num
@@ -3164,11 +3164,20 @@ class BuiltinRun:
     # is pinned to a CPU of its own, as a vCPU thread and the SVQ thread
     # would be: nothing else's work then lands on the driver's CPU.
 
+    #
+    # The fork comes before DRIVER_OK, while this process has one thread: a
+    # device may start threads of its own as it goes live (mockvdpa does, in
+    # this process), and a child forked beside running threads can inherit a
+    # lock one of them held, and hang on it (Python 3.12+ warns of that fork).
+    # The guest then waits for the go pipe before it posts anything, as a
+    # guest driver waits for DRIVER_OK.
+
     def run(self):
         self.loop = loop = EventLoop()
         loop.install_signals()
         self.stop_fd = self._eventfd()          # host -> guest: stop submitting
         rfd, wfd = os.pipe()                    # guest -> host: its results
+        go_r, go_w = os.pipe()                  # host -> guest: the device is live
         sys.stdout.flush()
         sys.stderr.flush()
         self.host_pid = os.getpid()
@@ -3177,15 +3186,23 @@ class BuiltinRun:
             code = 1
             try:
                 os.close(rfd)
+                os.close(go_w)
+                self._go_fd = go_r
                 self._guest_process(wfd)
                 code = 0
             finally:
                 os._exit(code)
         os.close(wfd)
+        os.close(go_r)
         self.guest_pid = pid
         saved = os.sched_getaffinity(0)
-        cpu0 = time.process_time()
         try:
+            try:
+                self.dev.start(range(self.nq))
+                os.write(go_w, b"g")
+            finally:
+                os.close(go_w)                  # EOF without "g": the guest just exits
+            cpu0 = time.process_time()
             if self.cpus:
                 _pin(self.cpus[1])
             self.affinity["svq"] = sorted(os.sched_getaffinity(0))
@@ -3278,6 +3295,9 @@ class BuiltinRun:
             os.close(self.dev.dev.fd)
         if self.cpus:
             _pin(self.cpus[0])
+        if os.read(self._go_fd, 1) != b"g":
+            return                              # the device did not start
+        os.close(self._go_fd)
         drv = self.driver
         loop = EventLoop()
         def guarded(fn):
