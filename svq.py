@@ -5084,7 +5084,7 @@ class VhostUserServer:
     worker process of its own; else in this process (a library, the tests)."""
 
     def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa,
-                 isolate=False, mac=None):
+                 isolate=False, mac=None, sock_fd=None, sock_from=None):
         self.device, self.path, self.client = device, socket_path, client
         self.verbose, self.opener, self.isolate = verbose, opener, isolate
         self.conn = None
@@ -5096,7 +5096,16 @@ class VhostUserServer:
         self.mac = None
         self.worker_mode = False
         self._ino = None
-        if not client:
+        self.single = False         # the one connection we were handed: serve ends with it
+        self._handed = None
+        if sock_fd is not None:
+            sock_from = sock_from or "fd %d" % sock_fd
+            try:
+                if not stat.S_ISSOCK(os.fstat(sock_fd).st_mode):
+                    raise UsageError("%s: not a socket" % sock_from)
+            except OSError as e:
+                raise UsageError("%s: %s" % (sock_from, e.strerror)) from None
+        elif not client:
             self._check_path(socket_path)
         check_barriers()
         probe = VdpaDevice(device, opener)
@@ -5133,9 +5142,12 @@ class VhostUserServer:
                 raise UsageError("--mac is for net devices")
         finally:
             probe.close()
-        if not client:
+        if sock_fd is not None or not client:
             try:
-                self._listen()
+                if sock_fd is not None:
+                    self._adopt(sock_fd, sock_from)
+                else:
+                    self._listen()
             except BaseException:
                 with signals_deferred():
                     self.close()
@@ -5209,6 +5221,35 @@ class VhostUserServer:
         _vlog("serving %s (%s, %s) on %s" % (self.device, DEVICE_TYPES[self.device_id],
                                             " ".join(feature_names(self.offered, self.type_names)),
                                             path))
+
+    def _adopt(self, fd, origin):
+        """A socket handed to us: systemd's (LISTEN_FDS) or --fd's.  Listening,
+        it is served as our own, but its file is its owner's to remove.
+        Connected (one end of a socketpair, as libvirt hands some backends),
+        it is the one frontend, and serving ends when it closes."""
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError as e:
+            raise UsageError("%s: not a socket (%s)" % (origin, e.strerror)) from None
+        if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+            s.detach()
+            raise UsageError("%s: not a Unix stream socket" % origin)
+        os.set_inheritable(s.fileno(), False)
+        name = s.getsockname()
+        self.path = os.fsdecode(name) if name else origin
+        where = "%s (%s)" % (self.path, origin) if name else origin
+        if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.single = True
+            self._handed = s
+            _vlog("serving %s (%s) on a connected socket, %s" % (
+                self.device, DEVICE_TYPES[self.device_id], origin))
+            return
+        self.listener = s
+        s.setblocking(False)
+        self.loop.add_reader(s.fileno(), self._accept)
+        _vlog("serving %s (%s, %s) on %s" % (self.device, DEVICE_TYPES[self.device_id],
+                                            " ".join(feature_names(self.offered, self.type_names)),
+                                            where))
 
     def _accept(self):
         try:
@@ -5320,6 +5361,9 @@ class VhostUserServer:
             if self.conn is None:
                 self.loop.stop()
             return
+        if self.single and self.conn is None and self.worker is None and self._handed is None:
+            self.loop.stop()            # the handed connection is over: nobody can come back
+            return
         if self.client and self.conn is None and self.worker is None \
                 and time.monotonic() >= self._next_connect:
             self._next_connect = time.monotonic() + 1.0
@@ -5341,6 +5385,9 @@ class VhostUserServer:
         """Serve until stop() or SIGINT/SIGTERM (when in the main thread)."""
         self.loop.install_signals(on_child=self._reap if self.isolate else None)
         try:
+            if self._handed is not None:
+                sock, self._handed = self._handed, None
+                self._open(sock)
             self.loop.run(tick=self._tick, tick_interval=0.2)
         finally:
             self.close()
@@ -5373,6 +5420,9 @@ class VhostUserServer:
             self.worker = None
 
     def close(self):
+        if self._handed is not None:
+            self._handed.close()
+            self._handed = None
         if self.conn is not None:
             self.conn.close("server stopping")
         self._stop_worker()
@@ -5397,9 +5447,39 @@ def _mac(s):
     return mac
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_socket():
+    """The fd of the socket systemd activated us with (LISTEN_PID, LISTEN_FDS,
+    as sd_listen_fds() reads them), or None.  The variables are removed
+    either way: they are not meant for our children."""
+    pid, n = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or n is None or pid != str(os.getpid()):
+        return None
+    if n != "1":
+        raise UsageError("LISTEN_FDS=%s: serve takes one socket (one .socket unit "
+                         "ListenStream= per device)" % n)
+    return SD_LISTEN_FDS_START
+
+
 def cmd_serve(args):
+    fd, origin = args.fd, None
+    activated = systemd_socket()
+    if fd is not None and args.socket is not None:
+        raise UsageError("--fd and --socket exclude each other")
+    if fd is None and args.socket is None:
+        if activated is None:
+            raise UsageError("serve: --socket PATH is needed (or --fd N, or a socket "
+                             "from systemd's socket activation)")
+        fd, origin = activated, "fd %d from systemd" % activated
+    if fd is not None and args.client:
+        raise UsageError("--client connects to --socket PATH; it takes no --fd")
+    if fd is not None and fd < 0:
+        raise UsageError("--fd %d: not a file descriptor" % fd)
     server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose,
-                             isolate=True, mac=args.mac)
+                             isolate=True, mac=args.mac, sock_fd=fd, sock_from=origin)
     try:
         sig = server.run()
     except BaseException:           # a signal before the loop took them over
@@ -5414,7 +5494,11 @@ def cmd_serve(args):
 def add_serve_parser(sub):
     s = sub.add_parser("serve", help="vhost-user backend: shadow a vDPA device for a VMM")
     s.add_argument("device", help="/dev/vhost-vdpa-N")
-    s.add_argument("--socket", required=True, help="Unix socket path")
+    s.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                   help="Unix socket path (without it: --fd, or systemd's socket activation)")
+    s.add_argument("--fd", type=int, metavar="N",
+                   help="serve the Unix socket at fd N: listening, or one connected frontend "
+                        "(vhost-user's backend program convention)")
     s.add_argument("--client", action="store_true",
                    help="connect to a frontend listening on --socket instead of listening")
     s.add_argument("--mac", type=_mac, help="net: set the device's MAC first (the guest's)")

@@ -1885,6 +1885,133 @@ def test_dev_vstats_and_negotiated_features_match_iproute2():
         dev.close()
 
 
+# -- `serve` on a socket it is handed: systemd's LISTEN_FDS, or --fd --
+
+ACTIVATED_SERVE = """
+import sys, svq, mockvdpa
+op = mockvdpa.opener(sys.argv[1])
+class Server(svq.VhostUserServer):
+    def __init__(self, *a, **kw):
+        kw["opener"] = op               # the CLI's own `serve`, on the mock device
+        super().__init__(*a, **kw)
+svq.VhostUserServer = Server
+sys.exit(svq.main(sys.argv[2:]))
+"""
+
+
+def _blk_write_read(fe, lba, tag):
+    fe.handshake()
+    data, _ = fe.submit(0, svq.VIRTIO_BLK_T_OUT, lba)
+    fe.mem.write(data, pattern(lba, tag))
+    fe.vq.kick()
+    assert len(fe.wait(1)) == 1 and fe.status(0) == 0
+    fe.mem.write(fe.buf_gpa + PAGE, bytes(PAGE))
+    fe.submit(1, svq.VIRTIO_BLK_T_IN, lba)
+    fe.vq.kick()
+    assert len(fe.wait(1)) == 1 and fe.status(1) == 0
+    assert fe.mem.read(fe.buf_gpa + PAGE, PAGE) == pattern(lba, tag)
+
+
+def _start_handed(fd, how, log):
+    """`svq.py serve` with the socket at `fd` handed to it: as systemd does
+    (at fd 3, LISTEN_PID its own pid, LISTEN_FDS=1), or with --fd N."""
+    cmd = [sys.executable, "-c", ACTIVATED_SERVE, "blk", "serve", "/dev/mock"]
+    if how != "systemd":
+        return subprocess.Popen(cmd + ["--fd", str(fd)], pass_fds=(fd,), stderr=log, cwd=HERE)
+
+    def activate():                     # in the child, before exec: what systemd does
+        os.dup2(fd, 3)                  # inheritable; Python's own fds are not (PEP 446)
+        os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="svq")
+    return subprocess.Popen(cmd, close_fds=False, stderr=log, cwd=HERE, preexec_fn=activate)
+
+
+@pytest.mark.parametrize("how", ["systemd", "--fd"])
+def test_serve_on_a_listening_socket_it_is_handed(tmpdir_short, how):
+    """The socket is the activator's (systemd keeps it across service
+    restarts): a frontend that connects before the service runs is served
+    when it starts; the service leaves the socket file alone when it stops,
+    and the next instance serves the next frontend on the same socket."""
+    path = os.path.join(tmpdir_short, "act.sock")
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(4)
+    log = open(path + ".log", "w+")
+    try:
+        for n in range(2):
+            fe = Frontend()
+            fe.connect(path)                    # queued: nothing serves yet
+            proc = _start_handed(lsock.fileno(), how, log)
+            try:
+                _blk_write_read(fe, 8 * n, n + 1)
+            except Exception as e:
+                log.seek(0)
+                raise AssertionError("instance %d: %r\n%s" % (n, e, log.read())) from None
+            finally:
+                fe.close()
+                proc.send_signal(signal.SIGTERM)
+                rc = proc.wait(30)
+            log.seek(0)
+            text = log.read()
+            assert rc == 0, text
+            assert os.path.exists(path), "the activator's socket file was removed"
+        origin = "fd 3 from systemd" if how == "systemd" else "fd %d" % lsock.fileno()
+        assert text.count("on %s (%s)" % (path, origin)) == 2, text
+        assert text.count("frontend connected") == 2, text
+    finally:
+        log.close()
+        lsock.close()
+
+
+def test_serve_on_a_connected_socket_serves_it_and_exits(tmpdir_short):
+    """--fd with one end of a socketpair (as libvirt hands some vhost-user
+    backends): that frontend is served; when it hangs up, serve exits 0."""
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    log = open(os.path.join(tmpdir_short, "pair.log"), "w+")
+    proc = _start_handed(theirs.fileno(), "--fd", log)
+    theirs.close()
+    fe = Frontend()
+    try:
+        mine.settimeout(30)
+        fe.sock = mine
+        _blk_write_read(fe, 0, 7)
+    finally:
+        fe.close()
+    try:
+        rc = proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = "still running"
+    log.seek(0)
+    text = log.read()
+    log.close()
+    assert rc == 0, text
+    assert "on a connected socket, fd" in text and "frontend connected" in text, text
+
+
+def test_serve_socket_activation_errors_are_one_line(monkeypatch):
+    monkeypatch.setenv("LISTEN_PID", str(os.getpid()))
+    monkeypatch.setenv("LISTEN_FDS", "2")
+    rc, out, err = main_inproc("serve", "/dev/mock")
+    assert rc == 2 and "LISTEN_FDS=2: serve takes one socket" in err and err.count("\n") == 1
+    assert "LISTEN_PID" not in os.environ and "LISTEN_FDS" not in os.environ
+    monkeypatch.setenv("LISTEN_PID", "1")          # meant for another process: ignored
+    monkeypatch.setenv("LISTEN_FDS", "1")
+    rc, out, err = main_inproc("serve", "/dev/mock")
+    assert rc == 2 and "--socket PATH is needed" in err
+    assert "LISTEN_FDS" not in os.environ
+    r, w = os.pipe()
+    try:
+        rc, out, err = main_inproc("serve", "/dev/mock", "--fd", r)
+        assert rc == 2 and err == "svq: fd %d: not a socket\n" % r
+    finally:
+        os.close(r)
+        os.close(w)
+    for extra, want in ((["--fd", "3", "--socket", "/tmp/x"], "exclude each other"),
+                        (["--fd", "3", "--client"], "takes no --fd")):
+        rc, out, err = main_inproc("serve", "/dev/mock", *extra)
+        assert rc == 2 and want in err, err
+
+
 # ============================================================================
 # The rig itself: vm/run's contract (each test boots a VM, ~6 s)
 # ============================================================================
