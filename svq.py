@@ -4078,10 +4078,24 @@ def format_vdpa_text(section, records):
     return "".join(out)
 
 
+def _jsonw_pretty(v, depth=0):
+    """JSON laid out as iproute2's json_writer does with -p: a member per
+    line, indented by four spaces; an array on one line, as [ a,b ]."""
+    if isinstance(v, dict):
+        if not v:
+            return "{}"
+        pad = "\n" + "    " * (depth + 1)
+        return "{" + ",".join(pad + json.dumps(k) + ": " + _jsonw_pretty(x, depth + 1)
+                              for k, x in v.items()) + "\n" + "    " * depth + "}"
+    if isinstance(v, list):
+        return "[ " + ",".join(_jsonw_pretty(x, depth + 1) for x in v) + (" ]" if v else "]")
+    return json.dumps(v)
+
+
 def format_vdpa_json(section, records, pretty=False):
     obj = {section: {name: d for name, d in records}}
     if pretty:
-        return json.dumps(obj, indent=4) + "\n"
+        return _jsonw_pretty(obj) + "\n"
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 

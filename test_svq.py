@@ -1528,6 +1528,10 @@ def test_dev_show_text_and_json_as_iproute2_prints_them():
                    '            "mgmtdev": "vdpasim_net",\n            "vendor_id": 0,\n'
                    '            "max_vqs": 3,\n            "max_vq_size": 256\n        }\n'
                    '    }\n}\n')
+    # iproute2's json_writer puts an array on one line: [ a,b ], [ ] when empty.
+    assert svq.format_vdpa_json("x", [("a", {"l": ["p", 2], "e": [], "o": {}})], pretty=True) \
+        == '{\n    "x": {\n        "a": {\n            "l": [ "p",2 ],\n            "e": [ ],\n' \
+        '            "o": {}\n        }\n    }\n}\n'
     assert k.sent[-1][20:] == _attr(4, b"vdpa0\0")
     assert struct.unpack_from("<H", k.sent[-1], 6)[0] == 0x5
     rc, out, _ = run_vdpa(vdpa_kernel(dump_dev=[]), "-j", "dev")
@@ -1594,8 +1598,8 @@ def test_dev_config_and_vstats_as_iproute2_prints_them():
      "dev add x: management device vdpasim_blk does not take one of these attributes "
      "(kernel: Some provided attributes are not supported: 0x2000)"),
     ("add-policy", ["dev", "add", "name", "x", "mgmtdev", "vdpasim_net", "mtu", "10"], "new",
-     22, "Attribute failed policy validation",
-     "dev add x: Invalid argument (kernel: Attribute failed policy validation)"),
+     34, "integer out of range",
+     "dev add x: Numerical result out of range (kernel: integer out of range)"),
     ("del-missing", ["dev", "del", "nosuch"], "del", 19, "device not found",
      "dev del nosuch: no such vdpa device (kernel: device not found)"),
     ("show-missing", ["dev", "show", "nosuch"], "get_dev", 19, "device not found",
@@ -1844,7 +1848,8 @@ def test_dev_kernel_refusals_are_one_line_where_iproute2_fails_too():
     cases = [
         (["dev", "add", "name", "vdpa0", "mgmtdev", "vdpasim_net"], "the name is taken"),
         (["dev", "add", "name", "svqt2", "mgmtdev", "nosuch"], "no management device nosuch"),
-        (["dev", "add", "name", "svqt2", "mgmtdev", "vdpasim_net", "mtu", "10"], "Invalid argument"),
+        (["dev", "add", "name", "svqt2", "mgmtdev", "vdpasim_net", "mtu", "10"],
+         "(kernel: integer out of range)"),
         (["dev", "add", "name", "svqt2", "mgmtdev", "vdpasim_blk", "mac", "52:54:00:00:00:01"],
          "does not take one of these attributes"),
         (["dev", "del", "nosuch"], "no such vdpa device"),
