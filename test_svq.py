@@ -1862,7 +1862,11 @@ def test_dev_kernel_refusals_are_one_line_where_iproute2_fails_too():
         for words, want in cases:
             rc, out, err = svq_dev(*words)
             assert rc == 2 and out == "" and err.count("\n") == 1 and want in err, (words, err)
-            assert vdpa_tool(*words)[0] != 0, words
+            rc2, _, err2 = vdpa_tool(*words)
+            # iproute2 6.1's vstats show exits 0 after the kernel's error (a bug
+            # fixed upstream since: "propagate error from cmd_dev_vstats_show"),
+            # though it reports it.
+            assert rc2 != 0 or words[1] == "vstats" and err2, (words, rc2, err2)
     finally:
         vdpa_tool("dev", "del", "svqt2")
     # Without CAP_NET_ADMIN: as nobody, the kernel refuses (and lists still work).
@@ -1965,6 +1969,31 @@ def test_serve_on_a_listening_socket_it_is_handed(tmpdir_short, how):
     finally:
         log.close()
         lsock.close()
+
+
+def test_serve_under_systemds_own_socket_activator(tmpdir_short):
+    """systemd-socket-activate (Debian's systemd) listens, and on the first
+    connection execs `svq.py serve` with the socket at fd 3, as a .socket
+    unit does."""
+    tool = shutil.which("systemd-socket-activate")
+    if not tool:
+        pytest.skip("no systemd-socket-activate here (the emulated activation above still ran)")
+    path = os.path.join(tmpdir_short, "sd.sock")
+    log = open(path + ".log", "w+")
+    proc = subprocess.Popen([tool, "-l", path, sys.executable, "-c", ACTIVATED_SERVE, "blk",
+                             "serve", "/dev/mock"], stderr=log, cwd=HERE)
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        _blk_write_read(fe, 16, 5)
+    finally:
+        fe.close()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        log.seek(0)
+        text = log.read()
+        log.close()
+    assert rc == 0 and "(fd 3 from systemd)" in text and "frontend connected" in text, text
 
 
 def test_serve_on_a_connected_socket_serves_it_and_exits(tmpdir_short):
