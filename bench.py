@@ -531,6 +531,9 @@ class Copier:
     def close(self):
         for fd in self.fds:
             os.close(fd)
+        for ring in (self.gring, getattr(self, "sring", None)):
+            if ring is not None:
+                ring.release()
         self.q = self.gring = self.sring = self.dev_ring = None
         if self.smem is not None:
             self.smem.close()
