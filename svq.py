@@ -3768,10 +3768,11 @@ def nlmsg_error(type_, flags, payload):
 
 
 class GenlSocket:
-    """A generic netlink socket bound to one family.  `sock` replaces the
-    kernel (tests): anything with sendto(data, addr) and recvmsg(size)."""
+    """A generic netlink socket bound to one family; `missing` says what to
+    do when the kernel has no such family.  `sock` replaces the kernel
+    (tests): anything with sendto(data, addr) and recvmsg(size)."""
 
-    def __init__(self, family, sock=None):
+    def __init__(self, family, sock=None, missing=None):
         self.sock = sock
         self.seq = int(time.monotonic() * 1000) & 0x7fffffff
         if sock is None:
@@ -3781,17 +3782,21 @@ class GenlSocket:
             except OSError as e:
                 raise NetlinkError("netlink socket", e.errno,
                                    hint="no generic netlink here: %s" % os.strerror(e.errno)) from None
-            try:
-                self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-                self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            except OSError:
-                pass                    # older kernels: errors without a message
-            self.sock.settimeout(NL_TIMEOUT)
-            self.sock.bind((0, 0))
         try:
+            if sock is None:
+                try:
+                    self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+                    self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+                except OSError:
+                    pass                # older kernels: errors without a message
+                self.sock.settimeout(NL_TIMEOUT)
+                try:
+                    self.sock.bind((0, 0))
+                except OSError as e:
+                    raise NetlinkError("netlink bind", e.errno) from None
             reply = self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, nla_strz(CTRL_ATTR_FAMILY_NAME, family),
                                  what="netlink family %s" % family, version=1,
-                                 errors={errno.ENOENT: _VDPA_MODULE_HINT})
+                                 errors={errno.ENOENT: missing or "no such family"})
             ids = [nla_uint(v) for t, v in reply[0] if t == CTRL_ATTR_FAMILY_ID] if reply else []
             if not ids:
                 raise SvqError("netlink family %s: the kernel gave no id" % family)
@@ -3956,7 +3961,7 @@ class VdpaNetlink:
     """The kernel's vdpa management interface."""
 
     def __init__(self, sock=None):
-        self.nl = GenlSocket(VDPA_GENL_NAME, sock)
+        self.nl = GenlSocket(VDPA_GENL_NAME, sock, _VDPA_MODULE_HINT)
 
     def close(self):
         self.nl.close()
@@ -5753,7 +5758,7 @@ def _vdpa_one_name(what, args):
     return args[0] if args else None
 
 
-def cmd_vdpa(obj, words, opener=None):
+def cmd_vdpa(obj, words):
     """`svq.py dev ...` and `svq.py mgmtdev ...`: iproute2's vdpa words."""
     opts = {"json": False, "pretty": False}
     rest = []
@@ -5810,7 +5815,7 @@ def cmd_vdpa(obj, words, opener=None):
         show = ("vstats", lambda nl: nl.vstats(name, qidx))
     else:
         raise UsageError("dev: unknown command %r (show, add, del, config, vstats)" % cmd)
-    nl = VdpaNetlink() if opener is None else opener()
+    nl = VdpaNetlink()
     try:
         if action is not None:
             action(nl)
