@@ -7,7 +7,7 @@ VM_RUN = $(PYTHON) vm/run
 
 export PYTHON
 
-.PHONY: all setup test unit vmtest demo bench smoke fuzz clean distclean
+.PHONY: all setup test unit vmtest initramfs-test demo bench smoke fuzz clean distclean
 
 all: test
 
@@ -26,6 +26,11 @@ unit:
 
 vmtest: setup
 	$(VM_RUN) $(PYTHON) -m pytest -p no:cacheprovider -m vdpa -v $(TESTS)
+
+# svq.py on a bare initramfs (busybox, a minimal CPython, svq.py, the vdpa
+# modules; no iproute2, no host share) on the rig's kernel: make test runs it.
+initramfs-test: setup
+	$(PYTHON) vm/initramfs-test
 
 # The serve fuzzer, long (make test runs it for 12 s): SECONDS, SEED to vary.
 SECONDS ?= 600

@@ -776,7 +776,8 @@ class IOVAMap:
 # ============================================================================
 
 _MISSING_HINT = ("load vhost_vdpa and add a device: modprobe vhost_vdpa; "
-                 "vdpa dev add mgmtdev vdpasim_net name vdpa0")
+                 "vdpa dev add mgmtdev vdpasim_net name vdpa0 "
+                 "(without iproute2: svq.py dev add mgmtdev vdpasim_net name vdpa0)")
 
 
 class VhostVdpa:
@@ -3129,7 +3130,7 @@ class BuiltinRun:
             else:
                 self.svqs.append(self._shadow_queue(vq, dq, device_features, guest_features))
         drv.attach(queues)
-        dev.start(range(nq))
+        self.nq = nq                    # run() starts them (DRIVER_OK), after the fork
 
     def _shadow_queue(self, vq, dq, device_features, guest_features):
         dev, num = self.dev, dq.num
@@ -3164,11 +3165,20 @@ class BuiltinRun:
     # is pinned to a CPU of its own, as a vCPU thread and the SVQ thread
     # would be: nothing else's work then lands on the driver's CPU.
 
+    #
+    # The fork comes before DRIVER_OK, while this process has one thread: a
+    # device may start threads of its own as it goes live (mockvdpa does, in
+    # this process), and a child forked beside running threads can inherit a
+    # lock one of them held, and hang on it (Python 3.12+ warns of that fork).
+    # The guest then waits for the go pipe before it posts anything, as a
+    # guest driver waits for DRIVER_OK.
+
     def run(self):
         self.loop = loop = EventLoop()
         loop.install_signals()
         self.stop_fd = self._eventfd()          # host -> guest: stop submitting
         rfd, wfd = os.pipe()                    # guest -> host: its results
+        go_r, go_w = os.pipe()                  # host -> guest: the device is live
         sys.stdout.flush()
         sys.stderr.flush()
         self.host_pid = os.getpid()
@@ -3177,15 +3187,23 @@ class BuiltinRun:
             code = 1
             try:
                 os.close(rfd)
+                os.close(go_w)
+                self._go_fd = go_r
                 self._guest_process(wfd)
                 code = 0
             finally:
                 os._exit(code)
         os.close(wfd)
+        os.close(go_r)
         self.guest_pid = pid
         saved = os.sched_getaffinity(0)
-        cpu0 = time.process_time()
         try:
+            try:
+                self.dev.start(range(self.nq))
+                os.write(go_w, b"g")
+            finally:
+                os.close(go_w)                  # EOF without "g": the guest just exits
+            cpu0 = time.process_time()
             if self.cpus:
                 _pin(self.cpus[1])
             self.affinity["svq"] = sorted(os.sched_getaffinity(0))
@@ -3278,6 +3296,9 @@ class BuiltinRun:
             os.close(self.dev.dev.fd)
         if self.cpus:
             _pin(self.cpus[0])
+        if os.read(self._go_fd, 1) != b"g":
+            return                              # the device did not start
+        os.close(self._go_fd)
         drv = self.driver
         loop = EventLoop()
         def guarded(fn):
@@ -3520,6 +3541,567 @@ def format_info(info):
     lines.append("  iova range       [%s, %s]" % tuple(info["iova_range"]))
     lines.append("  status           %s" % " ".join(info["status"]))
     return "\n".join(lines)
+
+
+# ============================================================================
+# vdpa devices over generic netlink: `svq.py dev ...`, `svq.py mgmtdev ...`
+# ============================================================================
+#
+# What iproute2's `vdpa` tool does, for a host that lacks it (an initramfs, a
+# rescue image): the kernel's "vdpa" generic netlink family (drivers/vdpa/
+# vdpa.c) lists management devices (vdpasim_net, vduse, a NIC's PF), creates
+# and deletes vDPA devices on them, and reports each device, its config space
+# and its vendor statistics.  Every constant, command and attribute number
+# is the uapi's (linux/netlink.h, linux/genetlink.h, linux/vdpa.h of 6.12);
+# the messages are built and parsed with struct, in host byte order, as
+# netlink wants.  Output, text and JSON (-j, -p), follows iproute2's vdpa
+# (6.1) field for field, so a script can call either tool.
+
+NETLINK_GENERIC = 16
+SOL_NETLINK = 270                   # from <sys/socket.h>
+NETLINK_CAP_ACK = 10                # errors do not echo our request back
+NETLINK_EXT_ACK = 11                # errors carry the kernel's message
+NLM_F_REQUEST = 0x01
+NLM_F_MULTI = 0x02
+NLM_F_ACK = 0x04
+NLM_F_ROOT = 0x100
+NLM_F_MATCH = 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_CAPPED = 0x100                # on NLMSG_ERROR: the request was not copied
+NLM_F_ACK_TLVS = 0x200              # on NLMSG_ERROR/DONE: extended ack attributes follow
+NLMSG_NOOP = 0x1
+NLMSG_ERROR = 0x2
+NLMSG_DONE = 0x3
+NLMSG_OVERRUN = 0x4
+NLMSGERR_ATTR_MSG = 1
+NLA_F_NESTED = 1 << 15
+NLA_F_NET_BYTEORDER = 1 << 14
+NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xffff
+GENL_ID_CTRL = 0x10
+CTRL_CMD_GETFAMILY = 3
+CTRL_ATTR_FAMILY_ID = 1
+CTRL_ATTR_FAMILY_NAME = 2
+
+VDPA_GENL_NAME = "vdpa"
+VDPA_GENL_VERSION = 0x1
+VDPA_CMD_MGMTDEV_GET = 2
+VDPA_CMD_DEV_NEW = 3
+VDPA_CMD_DEV_DEL = 4
+VDPA_CMD_DEV_GET = 5
+VDPA_CMD_DEV_CONFIG_GET = 6
+VDPA_CMD_DEV_VSTATS_GET = 7
+VDPA_ATTR_MGMTDEV_BUS_NAME = 1
+VDPA_ATTR_MGMTDEV_DEV_NAME = 2
+VDPA_ATTR_MGMTDEV_SUPPORTED_CLASSES = 3
+VDPA_ATTR_DEV_NAME = 4
+VDPA_ATTR_DEV_ID = 5
+VDPA_ATTR_DEV_VENDOR_ID = 6
+VDPA_ATTR_DEV_MAX_VQS = 7
+VDPA_ATTR_DEV_MAX_VQ_SIZE = 8
+VDPA_ATTR_DEV_MIN_VQ_SIZE = 9
+VDPA_ATTR_DEV_NET_CFG_MACADDR = 10
+VDPA_ATTR_DEV_NET_STATUS = 11       # the uapi says u8; the kernel puts a u16
+VDPA_ATTR_DEV_NET_CFG_MAX_VQP = 12
+VDPA_ATTR_DEV_NET_CFG_MTU = 13
+VDPA_ATTR_DEV_NEGOTIATED_FEATURES = 14
+VDPA_ATTR_DEV_MGMTDEV_MAX_VQS = 15
+VDPA_ATTR_DEV_SUPPORTED_FEATURES = 16
+VDPA_ATTR_DEV_QUEUE_INDEX = 17
+VDPA_ATTR_DEV_VENDOR_ATTR_NAME = 18
+VDPA_ATTR_DEV_VENDOR_ATTR_VALUE = 19
+VDPA_ATTR_DEV_FEATURES = 20
+VDPA_ATTR_DEV_BLK_CFG_CAPACITY = 21
+VDPA_ATTR_DEV_BLK_CFG_SIZE_MAX = 22
+VDPA_ATTR_DEV_BLK_CFG_BLK_SIZE = 23
+VDPA_ATTR_DEV_BLK_CFG_SEG_MAX = 24
+VDPA_ATTR_DEV_BLK_CFG_NUM_QUEUES = 25
+VDPA_ATTR_DEV_BLK_CFG_PHY_BLK_EXP = 26
+VDPA_ATTR_DEV_BLK_CFG_ALIGN_OFFSET = 27
+VDPA_ATTR_DEV_BLK_CFG_MIN_IO_SIZE = 28
+VDPA_ATTR_DEV_BLK_CFG_OPT_IO_SIZE = 29
+VDPA_ATTR_DEV_BLK_CFG_MAX_DISCARD_SEC = 30
+VDPA_ATTR_DEV_BLK_CFG_MAX_DISCARD_SEG = 31
+VDPA_ATTR_DEV_BLK_CFG_DISCARD_SEC_ALIGN = 32
+VDPA_ATTR_DEV_BLK_CFG_MAX_WRITE_ZEROES_SEC = 33
+VDPA_ATTR_DEV_BLK_CFG_MAX_WRITE_ZEROES_SEG = 34
+VDPA_ATTR_DEV_BLK_READ_ONLY = 35
+VDPA_ATTR_DEV_BLK_FLUSH = 36
+VIRTIO_NET_S_LINK_UP = 1
+VIRTIO_NET_S_ANNOUNCE = 2
+VIRTIO_TRANSPORT_F_START = 28
+VIRTIO_TRANSPORT_F_END = 42
+
+_NLMSGHDR = struct.Struct("=IHHII")     # struct nlmsghdr {len, type, flags, seq, pid}
+_GENLMSGHDR = struct.Struct("=BBH")     # struct genlmsghdr {cmd, version, reserved}
+_NLATTR = struct.Struct("=HH")          # struct nlattr {nla_len, nla_type}
+_NLMSGERR = struct.Struct("=i")         # struct nlmsgerr's error, before the echoed header
+_NL_U8, _NL_U16 = struct.Struct("=B"), struct.Struct("=H")
+_NL_U32, _NL_U64 = struct.Struct("=I"), struct.Struct("=Q")
+_NL_UINTS = {1: _NL_U8, 2: _NL_U16, 4: _NL_U32, 8: _NL_U64}
+NL_RECV_SIZE = 1 << 16              # a dump's skb is at most 32 KiB
+NL_TIMEOUT = 10.0
+
+# Names as iproute2's vdpa prints them.  Feature bits below 28 and above 42
+# are named for net devices only (iproute2 has no table for blk: it prints
+# bit_N, or N in JSON); the transport bits have names for every class.
+VDPA_NET_FEATURE_NAMES = {
+    0: "CSUM", 1: "GUEST_CSUM", 2: "CTRL_GUEST_OFFLOADS", 3: "MTU", 5: "MAC",
+    7: "GUEST_TSO4", 8: "GUEST_TSO6", 9: "GUEST_ECN", 10: "GUEST_UFO", 11: "HOST_TSO4",
+    12: "HOST_TSO6", 13: "HOST_ECN", 14: "HOST_UFO", 15: "MRG_RXBUF", 16: "STATUS",
+    17: "CTRL_VQ", 18: "CTRL_RX", 19: "CTRL_VLAN", 20: "CTRL_RX_EXTRA",
+    21: "GUEST_ANNOUNCE", 22: "MQ", 23: "CTRL_MAC_ADDR", 24: "NOTIFY_ON_EMPTY",
+    27: "ANY_LAYOUT", 57: "HASH_REPORT", 60: "RSS", 61: "RSC_EXT", 62: "STANDBY",
+    63: "SPEED_DUPLEX"}
+VDPA_TRANSPORT_FEATURE_NAMES = {
+    28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX", 32: "VERSION_1", 33: "ACCESS_PLATFORM",
+    34: "RING_PACKED", 35: "IN_ORDER", 36: "ORDER_PLATFORM", 37: "SR_IOV",
+    38: "NOTIFICATION_DATA"}
+VDPA_CLASS_NAMES = {VIRTIO_ID_NET: "net", VIRTIO_ID_BLOCK: "block"}
+VDPA_DEVICE_TYPE_NAMES = {VIRTIO_ID_NET: "network", VIRTIO_ID_BLOCK: "block"}
+# Block config attributes, in the kernel's order (iproute2 6.1 prints none).
+VDPA_BLK_CONFIG_NAMES = (
+    (VDPA_ATTR_DEV_BLK_CFG_CAPACITY, "capacity"),
+    (VDPA_ATTR_DEV_BLK_CFG_SIZE_MAX, "size_max"),
+    (VDPA_ATTR_DEV_BLK_CFG_BLK_SIZE, "blk_size"),
+    (VDPA_ATTR_DEV_BLK_CFG_SEG_MAX, "seg_max"),
+    (VDPA_ATTR_DEV_BLK_CFG_NUM_QUEUES, "num_queues"),
+    (VDPA_ATTR_DEV_BLK_CFG_PHY_BLK_EXP, "physical_block_exp"),
+    (VDPA_ATTR_DEV_BLK_CFG_ALIGN_OFFSET, "alignment_offset"),
+    (VDPA_ATTR_DEV_BLK_CFG_MIN_IO_SIZE, "min_io_size"),
+    (VDPA_ATTR_DEV_BLK_CFG_OPT_IO_SIZE, "opt_io_size"),
+    (VDPA_ATTR_DEV_BLK_CFG_MAX_DISCARD_SEC, "max_discard_sectors"),
+    (VDPA_ATTR_DEV_BLK_CFG_MAX_DISCARD_SEG, "max_discard_seg"),
+    (VDPA_ATTR_DEV_BLK_CFG_DISCARD_SEC_ALIGN, "discard_sector_alignment"),
+    (VDPA_ATTR_DEV_BLK_CFG_MAX_WRITE_ZEROES_SEC, "max_write_zeroes_sectors"),
+    (VDPA_ATTR_DEV_BLK_CFG_MAX_WRITE_ZEROES_SEG, "max_write_zeroes_seg"),
+    (VDPA_ATTR_DEV_BLK_READ_ONLY, "read_only"),
+    (VDPA_ATTR_DEV_BLK_FLUSH, "flush"))
+_VDPA_MODULE_HINT = ("the vdpa module is not loaded (modprobe vdpa, and a management "
+                     "device's module: vdpa_sim_net, vdpa_sim_blk, vduse, a NIC's driver)")
+
+
+class NetlinkError(SvqError):
+    """A netlink request the kernel refused: errno, and its own message."""
+
+    def __init__(self, what, err, extack=None, hint=None):
+        self.what, self.errno, self.extack = what, err, extack
+        msg = "%s: %s" % (what, hint or os.strerror(err))
+        if extack:
+            msg += " (kernel: %s)" % extack
+        super().__init__(msg)
+
+
+def nla(type_, payload):
+    """One netlink attribute: header, payload, padding to 4 bytes."""
+    n = _NLATTR.size + len(payload)
+    return _NLATTR.pack(n, type_) + payload + bytes(-n & 3)
+
+
+def nla_strz(type_, s):
+    return nla(type_, os.fsencode(s) + b"\0")
+
+
+def nla_parse(buf, off=0):
+    """[(type, payload)] in order, as the kernel put them; a truncated or
+    malformed tail is dropped, as libmnl's parser does."""
+    out = []
+    end = len(buf)
+    while off + _NLATTR.size <= end:
+        n, t = _NLATTR.unpack_from(buf, off)
+        if n < _NLATTR.size or off + n > end:
+            break
+        out.append((t & NLA_TYPE_MASK, bytes(buf[off + _NLATTR.size:off + n])))
+        off += (n + 3) & ~3
+    return out
+
+
+def nla_uint(payload):
+    s = _NL_UINTS.get(len(payload))
+    if s is None:
+        raise SvqError("netlink: an integer attribute of %d bytes" % len(payload))
+    return s.unpack(payload)[0]
+
+
+def nla_str(payload):
+    return payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def nlmsg(type_, flags, seq, payload, pid=0):
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), type_, flags, seq, pid) + payload
+
+
+def genlmsg(family, cmd, flags, seq, attrs=b"", version=VDPA_GENL_VERSION):
+    return nlmsg(family, flags, seq, _GENLMSGHDR.pack(cmd, version, 0) + attrs)
+
+
+def nlmsg_split(data):
+    """[(type, flags, seq, payload)] of one datagram from the kernel."""
+    out = []
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        n, t, flags, seq, _ = _NLMSGHDR.unpack_from(data, off)
+        if n < _NLMSGHDR.size or off + n > len(data):
+            raise SvqError("netlink: a malformed message from the kernel")
+        out.append((t, flags, seq, bytes(data[off + _NLMSGHDR.size:off + n])))
+        off += (n + 3) & ~3
+    return out
+
+
+def nlmsg_error(type_, flags, payload):
+    """(errno, kernel message) of an NLMSG_ERROR or NLMSG_DONE; errno 0 is
+    an acknowledgement (or the end of a dump)."""
+    if len(payload) < _NLMSGERR.size:
+        return 0, None
+    err = -_NLMSGERR.unpack_from(payload)[0]
+    off = _NLMSGERR.size
+    if type_ == NLMSG_ERROR:
+        if flags & NLM_F_CAPPED or len(payload) < off + _NLMSGHDR.size:
+            off += _NLMSGHDR.size
+        else:                           # the whole request, echoed back
+            off += (_NLMSGHDR.unpack_from(payload, off)[0] + 3) & ~3
+    msg = None
+    if flags & NLM_F_ACK_TLVS:
+        for t, v in nla_parse(payload, off):
+            if t == NLMSGERR_ATTR_MSG:
+                msg = nla_str(v)
+    return err, msg
+
+
+class GenlSocket:
+    """A generic netlink socket bound to one family; `missing` says what to
+    do when the kernel has no such family.  `sock` replaces the kernel
+    (tests): anything with sendto(data, addr) and recvmsg(size)."""
+
+    def __init__(self, family, sock=None, missing=None):
+        self.sock = sock
+        self.seq = int(time.monotonic() * 1000) & 0x7fffffff
+        if sock is None:
+            try:
+                self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                          NETLINK_GENERIC)
+            except OSError as e:
+                raise NetlinkError("netlink socket", e.errno,
+                                   hint="no generic netlink here: %s" % os.strerror(e.errno)) from None
+        try:
+            if sock is None:
+                try:
+                    self.sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
+                    self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+                except OSError:
+                    pass                # older kernels: errors without a message
+                self.sock.settimeout(NL_TIMEOUT)
+                try:
+                    self.sock.bind((0, 0))
+                except OSError as e:
+                    raise NetlinkError("netlink bind", e.errno) from None
+            reply = self.request(GENL_ID_CTRL, CTRL_CMD_GETFAMILY, nla_strz(CTRL_ATTR_FAMILY_NAME, family),
+                                 what="netlink family %s" % family, version=1,
+                                 errors={errno.ENOENT: missing or "no such family"})
+            ids = [nla_uint(v) for t, v in reply[0] if t == CTRL_ATTR_FAMILY_ID] if reply else []
+            if not ids:
+                raise SvqError("netlink family %s: the kernel gave no id" % family)
+            self.family = ids[0]
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def request(self, family, cmd, attrs=b"", dump=False, what="netlink", errors=None,
+                version=VDPA_GENL_VERSION):
+        """Send one request; returns the attribute lists of the replies (a
+        dump's many, a get's one, an action's none).  A refusal raises a
+        NetlinkError: `errors` maps an errno to what it means here."""
+        self.seq = (self.seq + 1) & 0x7fffffff
+        seq = self.seq
+        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_DUMP if dump else 0)
+        try:
+            self.sock.sendto(genlmsg(family, cmd, flags, seq, attrs, version), (0, 0))
+        except OSError as e:
+            raise NetlinkError(what, e.errno) from None
+        replies = []
+        while True:
+            try:
+                data, _, mflags, _ = self.sock.recvmsg(NL_RECV_SIZE)
+            except socket.timeout:
+                raise NetlinkError(what, errno.ETIMEDOUT) from None
+            except OSError as e:
+                raise NetlinkError(what, e.errno) from None
+            if mflags & socket.MSG_TRUNC:
+                raise SvqError("%s: a netlink reply longer than %d bytes" % (what, NL_RECV_SIZE))
+            if not data:
+                raise SvqError("%s: netlink socket closed" % what)
+            for t, mf, s, payload in nlmsg_split(data):
+                if s != seq:
+                    continue            # not ours (a stale reply)
+                if t in (NLMSG_ERROR, NLMSG_DONE):
+                    err, msg = nlmsg_error(t, mf, payload)
+                    if err:
+                        hint = (errors or {}).get(err)
+                        raise NetlinkError(what, err, msg, hint)
+                    return replies
+                if t in (NLMSG_NOOP, NLMSG_OVERRUN):
+                    continue
+                replies.append(nla_parse(payload, _GENLMSGHDR.size))
+
+
+# -- what the vdpa family answers, in iproute2's shape --
+
+def _attr_dict(attrs):
+    d = {}
+    for t, v in attrs:
+        d.setdefault(t, v)
+    return d
+
+
+def vdpa_features(bits, device_id):
+    """Feature names as iproute2 prints them: a name, or the bit number
+    (text: bit_N) where it has none."""
+    out = []
+    for b in range(64):
+        if bits >> b & 1:
+            if VIRTIO_TRANSPORT_F_START <= b <= VIRTIO_TRANSPORT_F_END:
+                name = VDPA_TRANSPORT_FEATURE_NAMES.get(b)
+            else:
+                name = VDPA_NET_FEATURE_NAMES.get(b) if device_id == VIRTIO_ID_NET else None
+            out.append(b if name is None else name)
+    return out
+
+
+def _mgmtdev_handle(a):
+    name = nla_str(a.get(VDPA_ATTR_MGMTDEV_DEV_NAME, b""))
+    if VDPA_ATTR_MGMTDEV_BUS_NAME in a:
+        return "%s/%s" % (nla_str(a[VDPA_ATTR_MGMTDEV_BUS_NAME]), name)
+    return name
+
+
+def decode_mgmtdev(attrs):
+    a = _attr_dict(attrs)
+    out = {}
+    classes = 0
+    if VDPA_ATTR_MGMTDEV_SUPPORTED_CLASSES in a:
+        classes = nla_uint(a[VDPA_ATTR_MGMTDEV_SUPPORTED_CLASSES])
+        out["supported_classes"] = [VDPA_CLASS_NAMES.get(i, "< unknown class >")
+                                    for i in range(1, 64) if classes >> i & 1]
+    if VDPA_ATTR_DEV_MGMTDEV_MAX_VQS in a:
+        out["max_supported_vqs"] = nla_uint(a[VDPA_ATTR_DEV_MGMTDEV_MAX_VQS])
+    if VDPA_ATTR_DEV_SUPPORTED_FEATURES in a:
+        net = VIRTIO_ID_NET if classes >> VIRTIO_ID_NET & 1 else 0
+        out["dev_features"] = vdpa_features(nla_uint(a[VDPA_ATTR_DEV_SUPPORTED_FEATURES]), net)
+    return _mgmtdev_handle(a), out
+
+
+def decode_dev(attrs):
+    a = _attr_dict(attrs)
+    did = nla_uint(a.get(VDPA_ATTR_DEV_ID, b"\0\0\0\0"))
+    out = {"type": VDPA_DEVICE_TYPE_NAMES.get(did, "<unknown type>"), "mgmtdev": _mgmtdev_handle(a)}
+    for attr, key in ((VDPA_ATTR_DEV_VENDOR_ID, "vendor_id"), (VDPA_ATTR_DEV_MAX_VQS, "max_vqs"),
+                      (VDPA_ATTR_DEV_MAX_VQ_SIZE, "max_vq_size")):
+        if attr in a:
+            out[key] = nla_uint(a[attr])
+    return nla_str(a.get(VDPA_ATTR_DEV_NAME, b"")), out
+
+
+def decode_config(attrs):
+    a = _attr_dict(attrs)
+    did = nla_uint(a.get(VDPA_ATTR_DEV_ID, b"\0\0\0\0"))
+    out = {}
+    if did == VIRTIO_ID_NET:
+        if VDPA_ATTR_DEV_NET_CFG_MACADDR in a:
+            out["mac"] = ":".join("%02x" % b for b in a[VDPA_ATTR_DEV_NET_CFG_MACADDR])
+        if VDPA_ATTR_DEV_NET_STATUS in a:
+            st = nla_uint(a[VDPA_ATTR_DEV_NET_STATUS])
+            # iproute2's JSON keys end in a space ("link ", "link_announce "):
+            # kept, so that a script written against its output reads ours.
+            out["link "] = "up" if st & VIRTIO_NET_S_LINK_UP else "down"
+            out["link_announce "] = bool(st & VIRTIO_NET_S_ANNOUNCE)
+        if VDPA_ATTR_DEV_NET_CFG_MAX_VQP in a:
+            out["max_vq_pairs"] = nla_uint(a[VDPA_ATTR_DEV_NET_CFG_MAX_VQP])
+        if VDPA_ATTR_DEV_NET_CFG_MTU in a:
+            out["mtu"] = nla_uint(a[VDPA_ATTR_DEV_NET_CFG_MTU])
+    elif did == VIRTIO_ID_BLOCK:        # beyond iproute2 6.1, which prints none of it
+        for attr, key in VDPA_BLK_CONFIG_NAMES:
+            if attr in a:
+                v = nla_uint(a[attr])
+                out[key] = bool(v) if attr in (VDPA_ATTR_DEV_BLK_READ_ONLY,
+                                               VDPA_ATTR_DEV_BLK_FLUSH) else v
+    if did in (VIRTIO_ID_NET, VIRTIO_ID_BLOCK) and VDPA_ATTR_DEV_NEGOTIATED_FEATURES in a:
+        out["negotiated_features"] = vdpa_features(nla_uint(a[VDPA_ATTR_DEV_NEGOTIATED_FEATURES]), did)
+    return nla_str(a.get(VDPA_ATTR_DEV_NAME, b"")), out
+
+
+def decode_vstats(attrs):
+    """Vendor statistics: name/value pairs in the kernel's order."""
+    a = _attr_dict(attrs)
+    out = {}
+    if nla_uint(a.get(VDPA_ATTR_DEV_ID, b"\0\0\0\0")) == VIRTIO_ID_NET:
+        features = nla_uint(a.get(VDPA_ATTR_DEV_NEGOTIATED_FEATURES, bytes(8)))
+        # Without MQ there is one pair and the kernel sends no MAX_VQP; iproute2
+        # then takes 0 pairs and calls queue 0 the control queue: we take 1.
+        pairs = nla_uint(a.get(VDPA_ATTR_DEV_NET_CFG_MAX_VQP, b"\1\0"))
+        name = None
+        for t, v in attrs:
+            if t == VDPA_ATTR_DEV_QUEUE_INDEX:
+                q = nla_uint(v)
+                if features >> VIRTIO_NET_F_CTRL_VQ & 1 and q == 2 * pairs:
+                    out["queue_type"] = "control_vq"
+                else:
+                    out["queue_type"] = "tx" if q & 1 else "rx"
+            elif t == VDPA_ATTR_DEV_VENDOR_ATTR_NAME:
+                name = nla_str(v)
+            elif t == VDPA_ATTR_DEV_VENDOR_ATTR_VALUE and name is not None:
+                out[name] = nla_uint(v)
+    return nla_str(a.get(VDPA_ATTR_DEV_NAME, b"")), out
+
+
+class VdpaNetlink:
+    """The kernel's vdpa management interface."""
+
+    def __init__(self, sock=None):
+        self.nl = GenlSocket(VDPA_GENL_NAME, sock, _VDPA_MODULE_HINT)
+
+    def close(self):
+        self.nl.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _req(self, cmd, attrs=b"", dump=False, what="vdpa", errors=None):
+        perm = {errno.EPERM: "permission denied: managing vdpa devices needs CAP_NET_ADMIN "
+                             "(run as root)"}
+        perm.update(errors or {})
+        return self.nl.request(self.nl.family, cmd, attrs, dump, what, perm)
+
+    @staticmethod
+    def _mgmtdev_attrs(handle):
+        if handle.count("/") > 1:
+            raise UsageError("management device %r: want NAME or BUS/NAME" % handle)
+        if "/" in handle:
+            bus, name = handle.split("/")
+            return nla_strz(VDPA_ATTR_MGMTDEV_BUS_NAME, bus) + nla_strz(VDPA_ATTR_MGMTDEV_DEV_NAME, name)
+        return nla_strz(VDPA_ATTR_MGMTDEV_DEV_NAME, handle)
+
+    def mgmtdevs(self, handle=None):
+        """[(handle, fields)] of every management device, or of one."""
+        if handle is None:
+            replies = self._req(VDPA_CMD_MGMTDEV_GET, dump=True, what="mgmtdev show")
+        else:
+            replies = self._req(VDPA_CMD_MGMTDEV_GET, self._mgmtdev_attrs(handle),
+                                what="mgmtdev show %s" % handle,
+                                errors={errno.ENODEV: "no such management device"})
+        return [decode_mgmtdev(r) for r in replies]
+
+    def devs(self, name=None):
+        if name is None:
+            replies = self._req(VDPA_CMD_DEV_GET, dump=True, what="dev show")
+        else:
+            replies = self._req(VDPA_CMD_DEV_GET, nla_strz(VDPA_ATTR_DEV_NAME, name),
+                                what="dev show %s" % name,
+                                errors={errno.ENODEV: "no such vdpa device"})
+        return [decode_dev(r) for r in replies]
+
+    def configs(self, name=None):
+        if name is None:
+            replies = self._req(VDPA_CMD_DEV_CONFIG_GET, dump=True, what="dev config show")
+        else:
+            replies = self._req(VDPA_CMD_DEV_CONFIG_GET, nla_strz(VDPA_ATTR_DEV_NAME, name),
+                                what="dev config show %s" % name,
+                                errors={errno.ENODEV: "no such vdpa device"})
+        return [decode_config(r) for r in replies]
+
+    def vstats(self, name, qidx):
+        replies = self._req(VDPA_CMD_DEV_VSTATS_GET,
+                            nla_strz(VDPA_ATTR_DEV_NAME, name)
+                            + nla(VDPA_ATTR_DEV_QUEUE_INDEX, _NL_U32.pack(qidx)),
+                            what="dev vstats show %s qidx %d" % (name, qidx),
+                            errors={errno.ENODEV: "no such vdpa device",
+                                    errno.EOPNOTSUPP: "the device has no vendor statistics",
+                                    errno.EAGAIN: "no statistics before a driver has "
+                                                  "negotiated features"})
+        return [decode_vstats(r) for r in replies]
+
+    def add(self, name, mgmtdev, mac=None, mtu=None, max_vqp=None, device_features=None):
+        attrs = self._mgmtdev_attrs(mgmtdev) + nla_strz(VDPA_ATTR_DEV_NAME, name)
+        if mac is not None:
+            attrs += nla(VDPA_ATTR_DEV_NET_CFG_MACADDR, bytes(mac))
+        if mtu is not None:
+            attrs += nla(VDPA_ATTR_DEV_NET_CFG_MTU, _NL_U16.pack(mtu))
+        if max_vqp is not None:
+            attrs += nla(VDPA_ATTR_DEV_NET_CFG_MAX_VQP, _NL_U16.pack(max_vqp))
+        if device_features is not None:
+            attrs += nla(VDPA_ATTR_DEV_FEATURES, _NL_U64.pack(device_features))
+        self._req(VDPA_CMD_DEV_NEW, attrs, what="dev add %s" % name,
+                  errors={errno.EEXIST: "the name is taken",
+                          errno.ENODEV: "no management device %s (see: svq.py mgmtdev show)" % mgmtdev,
+                          errno.EOPNOTSUPP: "management device %s does not take one of these "
+                                            "attributes" % mgmtdev})
+
+    def delete(self, name):
+        self._req(VDPA_CMD_DEV_DEL, nla_strz(VDPA_ATTR_DEV_NAME, name), what="dev del %s" % name,
+                  errors={errno.ENODEV: "no such vdpa device"})
+
+
+# -- iproute2's text output --
+
+def _text_features(key, feats):
+    return "\n  %s%s" % (key, "".join(" bit_%d" % f if isinstance(f, int) else " " + f for f in feats))
+
+
+def format_vdpa_text(section, records):
+    """The text `vdpa SECTION show` prints for these records."""
+    out = []
+    for name, d in records:
+        if section == "mgmtdev":
+            s = "%s: " % name
+            if "supported_classes" in d:
+                s += "\n  supported_classes" + "".join(" " + c for c in d["supported_classes"])
+            if "max_supported_vqs" in d:
+                s += "\n  max_supported_vqs %d" % d["max_supported_vqs"]
+            if "dev_features" in d:
+                s += _text_features("dev_features", d["dev_features"])
+        elif section == "dev":
+            s = "%s: type %s mgmtdev %s" % (name, d["type"], d["mgmtdev"])
+            s += "".join(" %s %d" % (k, d[k]) for k in ("vendor_id", "max_vqs", "max_vq_size") if k in d)
+        elif section == "config":
+            s = "%s: " % name
+            for k, v in d.items():
+                if k == "negotiated_features":
+                    s += _text_features(k, v)
+                elif isinstance(v, bool):
+                    s += "%s%s " % (k if k.endswith(" ") else k + " ", "true" if v else "false")
+                else:
+                    s += "%s%s " % (k if k.endswith(" ") else k + " ", v)
+        else:                           # vstats
+            s = "%s: " % name + "".join("%s %s " % (k, v) for k, v in d.items())
+        out.append(s + "\n")
+    return "".join(out)
+
+
+def _jsonw_pretty(v, depth=0):
+    """JSON laid out as iproute2's json_writer does with -p: a member per
+    line, indented by four spaces; an array on one line, as [ a,b ]."""
+    if isinstance(v, dict):
+        if not v:
+            return "{}"
+        pad = "\n" + "    " * (depth + 1)
+        return "{" + ",".join(pad + json.dumps(k) + ": " + _jsonw_pretty(x, depth + 1)
+                              for k, x in v.items()) + "\n" + "    " * depth + "}"
+    if isinstance(v, list):
+        return "[ " + ",".join(_jsonw_pretty(x, depth + 1) for x in v) + (" ]" if v else "]")
+    return json.dumps(v)
+
+
+def format_vdpa_json(section, records, pretty=False):
+    obj = {section: {name: d for name, d in records}}
+    if pretty:
+        return _jsonw_pretty(obj) + "\n"
+    return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
 # ============================================================================
@@ -4521,7 +5103,7 @@ class VhostUserServer:
     worker process of its own; else in this process (a library, the tests)."""
 
     def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa,
-                 isolate=False, mac=None):
+                 isolate=False, mac=None, sock_fd=None, sock_from=None):
         self.device, self.path, self.client = device, socket_path, client
         self.verbose, self.opener, self.isolate = verbose, opener, isolate
         self.conn = None
@@ -4533,7 +5115,16 @@ class VhostUserServer:
         self.mac = None
         self.worker_mode = False
         self._ino = None
-        if not client:
+        self.single = False         # the one connection we were handed: serve ends with it
+        self._handed = None
+        if sock_fd is not None:
+            sock_from = sock_from or "fd %d" % sock_fd
+            try:
+                if not stat.S_ISSOCK(os.fstat(sock_fd).st_mode):
+                    raise UsageError("%s: not a socket" % sock_from)
+            except OSError as e:
+                raise UsageError("%s: %s" % (sock_from, e.strerror)) from None
+        elif not client:
             self._check_path(socket_path)
         check_barriers()
         probe = VdpaDevice(device, opener)
@@ -4570,9 +5161,12 @@ class VhostUserServer:
                 raise UsageError("--mac is for net devices")
         finally:
             probe.close()
-        if not client:
+        if sock_fd is not None or not client:
             try:
-                self._listen()
+                if sock_fd is not None:
+                    self._adopt(sock_fd, sock_from)
+                else:
+                    self._listen()
             except BaseException:
                 with signals_deferred():
                     self.close()
@@ -4646,6 +5240,35 @@ class VhostUserServer:
         _vlog("serving %s (%s, %s) on %s" % (self.device, DEVICE_TYPES[self.device_id],
                                             " ".join(feature_names(self.offered, self.type_names)),
                                             path))
+
+    def _adopt(self, fd, origin):
+        """A socket handed to us: systemd's (LISTEN_FDS) or --fd's.  Listening,
+        it is served as our own, but its file is its owner's to remove.
+        Connected (one end of a socketpair, as libvirt hands some backends),
+        it is the one frontend, and serving ends when it closes."""
+        try:
+            s = socket.socket(fileno=fd)
+        except OSError as e:
+            raise UsageError("%s: not a socket (%s)" % (origin, e.strerror)) from None
+        if s.family != socket.AF_UNIX or s.type != socket.SOCK_STREAM:
+            s.detach()
+            raise UsageError("%s: not a Unix stream socket" % origin)
+        os.set_inheritable(s.fileno(), False)
+        name = s.getsockname()
+        self.path = os.fsdecode(name) if name else origin
+        where = "%s (%s)" % (self.path, origin) if name else origin
+        if not s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            self.single = True
+            self._handed = s
+            _vlog("serving %s (%s) on a connected socket, %s" % (
+                self.device, DEVICE_TYPES[self.device_id], origin))
+            return
+        self.listener = s
+        s.setblocking(False)
+        self.loop.add_reader(s.fileno(), self._accept)
+        _vlog("serving %s (%s, %s) on %s" % (self.device, DEVICE_TYPES[self.device_id],
+                                            " ".join(feature_names(self.offered, self.type_names)),
+                                            where))
 
     def _accept(self):
         try:
@@ -4757,6 +5380,9 @@ class VhostUserServer:
             if self.conn is None:
                 self.loop.stop()
             return
+        if self.single and self.conn is None and self.worker is None and self._handed is None:
+            self.loop.stop()            # the handed connection is over: nobody can come back
+            return
         if self.client and self.conn is None and self.worker is None \
                 and time.monotonic() >= self._next_connect:
             self._next_connect = time.monotonic() + 1.0
@@ -4778,6 +5404,9 @@ class VhostUserServer:
         """Serve until stop() or SIGINT/SIGTERM (when in the main thread)."""
         self.loop.install_signals(on_child=self._reap if self.isolate else None)
         try:
+            if self._handed is not None:
+                sock, self._handed = self._handed, None
+                self._open(sock)
             self.loop.run(tick=self._tick, tick_interval=0.2)
         finally:
             self.close()
@@ -4810,6 +5439,9 @@ class VhostUserServer:
             self.worker = None
 
     def close(self):
+        if self._handed is not None:
+            self._handed.close()
+            self._handed = None
         if self.conn is not None:
             self.conn.close("server stopping")
         self._stop_worker()
@@ -4834,9 +5466,39 @@ def _mac(s):
     return mac
 
 
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_socket():
+    """The fd of the socket systemd activated us with (LISTEN_PID, LISTEN_FDS,
+    as sd_listen_fds() reads them), or None.  The variables are removed
+    either way: they are not meant for our children."""
+    pid, n = os.environ.pop("LISTEN_PID", None), os.environ.pop("LISTEN_FDS", None)
+    os.environ.pop("LISTEN_FDNAMES", None)
+    if pid is None or n is None or pid != str(os.getpid()):
+        return None
+    if n != "1":
+        raise UsageError("LISTEN_FDS=%s: serve takes one socket (one .socket unit "
+                         "ListenStream= per device)" % n)
+    return SD_LISTEN_FDS_START
+
+
 def cmd_serve(args):
+    fd, origin = args.fd, None
+    activated = systemd_socket()
+    if fd is not None and args.socket is not None:
+        raise UsageError("--fd and --socket exclude each other")
+    if fd is None and args.socket is None:
+        if activated is None:
+            raise UsageError("serve: --socket PATH is needed (or --fd N, or a socket "
+                             "from systemd's socket activation)")
+        fd, origin = activated, "fd %d from systemd" % activated
+    if fd is not None and args.client:
+        raise UsageError("--client connects to --socket PATH; it takes no --fd")
+    if fd is not None and fd < 0:
+        raise UsageError("--fd %d: not a file descriptor" % fd)
     server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose,
-                             isolate=True, mac=args.mac)
+                             isolate=True, mac=args.mac, sock_fd=fd, sock_from=origin)
     try:
         sig = server.run()
     except BaseException:           # a signal before the loop took them over
@@ -4851,7 +5513,11 @@ def cmd_serve(args):
 def add_serve_parser(sub):
     s = sub.add_parser("serve", help="vhost-user backend: shadow a vDPA device for a VMM")
     s.add_argument("device", help="/dev/vhost-vdpa-N")
-    s.add_argument("--socket", required=True, help="Unix socket path")
+    s.add_argument("--socket", "--socket-path", dest="socket", metavar="PATH",
+                   help="Unix socket path (without it: --fd, or systemd's socket activation)")
+    s.add_argument("--fd", type=int, metavar="N",
+                   help="serve the Unix socket at fd N: listening, or one connected frontend "
+                        "(vhost-user's backend program convention)")
     s.add_argument("--client", action="store_true",
                    help="connect to a frontend listening on --socket instead of listening")
     s.add_argument("--mac", type=_mac, help="net: set the device's MAC first (the guest's)")
@@ -4929,6 +5595,11 @@ def build_parser():
     i.add_argument("device")
     i.add_argument("--json", action="store_true")
     add_serve_parser(sub)
+    for obj, what in (("dev", "vdpa devices over netlink, as iproute2's vdpa: show, add, del, "
+                              "config show, vstats show"),
+                      ("mgmtdev", "vdpa management devices over netlink: show")):
+        d = sub.add_parser(obj, help=what, add_help=False)
+        d.add_argument("words", nargs=argparse.REMAINDER)
     return p
 
 
@@ -5008,7 +5679,161 @@ def cmd_info(args):
     return 0
 
 
-COMMANDS = {"run": cmd_run, "info": cmd_info, "serve": cmd_serve}
+VDPA_USAGE = """\
+usage: svq.py [-j [-p]] dev show [DEV]
+       svq.py dev add name NAME mgmtdev MGMTDEV [mac MAC] [mtu MTU] [max_vqp N]
+                      [device_features HEX]
+       svq.py dev del DEV
+       svq.py dev config show [DEV]
+       svq.py dev vstats show DEV qidx N
+       svq.py mgmtdev show [MGMTDEV]
+The words, output and JSON (-j, pretty with -p) are those of iproute2's vdpa."""
+VDPA_OPTIONS = {"-j": "json", "--json": "json", "-p": "pretty", "--pretty": "pretty"}
+
+
+def _matches(word, full):
+    """iproute2's matches(): `word` abbreviates `full`."""
+    return bool(word) and full.startswith(word)
+
+
+def _vdpa_number(word, value, bits, base=10):
+    if value is None:
+        raise UsageError("%s: a number is expected" % word)
+    try:
+        v = int(value, base)
+        if base == 10 and not value.isdigit():
+            raise ValueError
+    except ValueError:
+        raise UsageError("%s %s: not a number" % (word, value)) from None
+    if not 0 <= v < 1 << bits:
+        raise UsageError("%s %s: out of range" % (word, value))
+    return v
+
+
+def _vdpa_add_args(words):
+    """`name NAME mgmtdev MGMTDEV [mac MAC] [mtu MTU] [max_vqp N]
+    [device_features HEX]`, in any order, as iproute2 takes them."""
+    kw = {}
+    i = 0
+    while i < len(words):
+        w = words[i]
+        value = words[i + 1] if i + 1 < len(words) else None
+        if _matches(w, "name"):
+            key = "name"
+        elif _matches(w, "mgmtdev"):
+            key = "mgmtdev"
+        elif w == "mac":
+            key = "mac"
+        elif w == "mtu":
+            key = "mtu"
+        elif _matches(w, "max_vqp"):
+            key = "max_vqp"
+        elif w == "device_features":
+            key = "device_features"
+        else:
+            raise UsageError("dev add: unknown option %r" % w)
+        if value is None:
+            raise UsageError("dev add: %s needs a value" % w)
+        if key == "mac":
+            try:
+                value = _mac(value)
+            except argparse.ArgumentTypeError as e:
+                raise UsageError("dev add: %s" % e) from None
+        elif key in ("mtu", "max_vqp"):
+            value = _vdpa_number(w, value, 16)
+        elif key == "device_features":
+            value = _vdpa_number(w, value, 64, 16)
+        kw[key] = value
+        i += 2
+    if "mgmtdev" not in kw:
+        raise UsageError("dev add: the management device is not set (mgmtdev MGMTDEV)")
+    if "name" not in kw:
+        raise UsageError("dev add: the device name is not set (name NAME)")
+    return kw
+
+
+def _vdpa_one_name(what, args):
+    if len(args) > 1:
+        raise UsageError("%s: one name at most, not %s" % (what, " ".join(args)))
+    return args[0] if args else None
+
+
+def cmd_vdpa(obj, words):
+    """`svq.py dev ...` and `svq.py mgmtdev ...`: iproute2's vdpa words."""
+    opts = {"json": False, "pretty": False}
+    rest = []
+    for w in words:
+        if w in VDPA_OPTIONS:
+            opts[VDPA_OPTIONS[w]] = True
+        elif w in ("-h", "--help"):
+            rest = ["help"]
+            break
+        else:
+            rest.append(w)
+    show = None                         # (section, fetch(nl)) for the show commands
+    action = None
+    cmd, args = (rest[0], rest[1:]) if rest else (None, [])
+    if obj == "mgmtdev":
+        if cmd is None or _matches(cmd, "help"):
+            print(VDPA_USAGE)
+            return 0
+        if not (_matches(cmd, "show") or _matches(cmd, "list")):
+            raise UsageError("mgmtdev: unknown command %r (show)" % cmd)
+        handle = _vdpa_one_name("mgmtdev show", args)
+        show = ("mgmtdev", lambda nl: nl.mgmtdevs(handle))
+    elif cmd is not None and _matches(cmd, "help"):
+        print(VDPA_USAGE)
+        return 0
+    elif cmd is None or _matches(cmd, "show") or _matches(cmd, "list"):
+        name = _vdpa_one_name("dev show", args)
+        show = ("dev", lambda nl: nl.devs(name))
+    elif _matches(cmd, "add"):
+        kw = _vdpa_add_args(args)
+        action = lambda nl: nl.add(**kw)
+    elif _matches(cmd, "del"):
+        if len(args) != 1:
+            raise UsageError("dev del: one device name is needed")
+        action = lambda nl: nl.delete(args[0])
+    elif _matches(cmd, "config"):
+        if args and _matches(args[0], "help"):
+            print(VDPA_USAGE)
+            return 0
+        if args and not _matches(args[0], "show"):
+            raise UsageError("dev config: unknown command %r (show)" % args[0])
+        name = _vdpa_one_name("dev config show", args[1:])
+        show = ("config", lambda nl: nl.configs(name))
+    elif cmd == "vstats":
+        if args and args[0] == "help":
+            print(VDPA_USAGE)
+            return 0
+        if not args or args[0] != "show":
+            raise UsageError("dev vstats: usage: dev vstats show DEV qidx N")
+        if len(args) != 4 or args[2] != "qidx":
+            raise UsageError("dev vstats show: usage: dev vstats show DEV qidx N "
+                             "(the kernel needs the queue index)")
+        name, qidx = args[1], _vdpa_number("qidx", args[3], 32)
+        show = ("vstats", lambda nl: nl.vstats(name, qidx))
+    else:
+        raise UsageError("dev: unknown command %r (show, add, del, config, vstats)" % cmd)
+    nl = VdpaNetlink()
+    try:
+        if action is not None:
+            action(nl)
+            return 0
+        section, fetch = show
+        records = fetch(nl)
+    finally:
+        nl.close()
+    if opts["json"]:
+        sys.stdout.write(format_vdpa_json(section, records, opts["pretty"]))
+    else:
+        sys.stdout.write(format_vdpa_text(section, records))
+    sys.stdout.flush()
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "info": cmd_info, "serve": cmd_serve,
+            "dev": None, "mgmtdev": None}      # dev, mgmtdev: cmd_vdpa
 
 
 _signals = {"deferred": 0, "pending": None, "raised": False}
@@ -5045,6 +5870,12 @@ def main(argv=None, early_signals=()):
                 signal.signal(sig, _on_stop_signal)
             if early_signals:
                 raise Interrupted(early_signals[0])
+        # `svq.py [-j] [-p] dev|mgmtdev WORDS`: iproute2's grammar, not argparse's.
+        lead = 0
+        while lead < len(argv) and argv[lead] in VDPA_OPTIONS:
+            lead += 1
+        if lead < len(argv) and argv[lead] in ("dev", "mgmtdev"):
+            return cmd_vdpa(argv[lead], argv[:lead] + argv[lead + 1:])
         args = build_parser().parse_args(argv)
         if not args.cmd:
             raise UsageError("no device given; usage: svq.py [run|info|serve] /dev/vhost-vdpa-N")
