@@ -297,7 +297,9 @@ class Rig:
     def close(self):
         for fd in self.fds:
             os.close(fd)
-        self.drv.ring = self.sring = self.svq = None
+        self.svq.release()
+        self.drv.release()
+        self.sring = self.svq = None
         self.pools = []
         self.smem.close()
         if self.pool_mem is not None:
@@ -389,8 +391,6 @@ def test_svq_splits_buffer_crossing_regions(rig):
 
 def test_svq_flattens_indirect_tables(rig):
     r = rig(guest_features=INDIRECT)
-    r.drv.indirect = True
-    r.drv.indirect_view = r.mem.view(r.drv.indirect_gpa, 8 * 8 * 16)
     r.guest_add([(0x101000, 16, False), (0x102000, 512, True), (0x103000, 1, True)])
     assert r.drv.num_free == 7          # one guest descriptor for the whole chain
     r.svq.handle_guest_kick()
@@ -660,7 +660,7 @@ def test_svq_rejects_indirect_abuse(rig):
             ([(0, 0x108000, 24, svq.VRING_DESC_F_INDIRECT)], "bad indirect table length"),
             ([(0, 0x900000, 32, svq.VRING_DESC_F_INDIRECT)], "outside guest memory"),
             ([(0, 0x108000, 32, svq.VRING_DESC_F_INDIRECT | svq.VRING_DESC_F_NEXT, 1)],
-             "bad indirect"),
+             "indirect descriptor with NEXT"),
     ):
         r = rig(guest_features=INDIRECT)
         for d in descs:
