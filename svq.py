@@ -1012,8 +1012,10 @@ SVQ_BLK_FEATURES = ((1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX)
 SVQ_TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
                           | (1 << VIRTIO_F_ANY_LAYOUT) | (1 << VIRTIO_RING_F_EVENT_IDX))
 # What the shadow offers its guest on top of the device: it flattens indirect
-# tables and implements event-index suppression itself.
-SVQ_GUEST_EXTRA_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+# tables, implements event-index suppression itself, and carries a packed
+# guest ring to the device's split ring.
+SVQ_GUEST_EXTRA_FEATURES = ((1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+                            | (1 << VIRTIO_F_RING_PACKED))
 SVQ_BACKEND_FEATURES = ((1 << VHOST_BACKEND_F_IOTLB_MSG_V2) | (1 << VHOST_BACKEND_F_IOTLB_BATCH)
                         | (1 << VHOST_BACKEND_F_IOTLB_ASID) | (1 << VHOST_BACKEND_F_SUSPEND)
                         | (1 << VHOST_BACKEND_F_RESUME))
@@ -2987,6 +2989,99 @@ class SvqStats:
 
 
 # ============================================================================
+# Shadow queues on a device: written once for `run` and `serve`
+# ============================================================================
+
+def map_guest_memory(dev, mem):
+    """Map every region of guest memory for the device, at IOVA = GPA where
+    the device's IOVA range allows (first-fit elsewhere): translation is then
+    the identity, and a switch to passthrough needs no remapping."""
+    first, last = dev.iova_map.first, dev.iova_map.last
+    for r in mem.regions:
+        if first <= r.gpa and r.end - 1 <= last:
+            r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa).iova
+        else:
+            r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+
+
+def shadow_ring_size(num, dev):
+    """A shadow ring as large as the device allows (up to VU_SHADOW_MAX), at
+    least the guest's queue size, a power of two (the device's ring is split)."""
+    size = 1
+    while size < num:
+        size <<= 1
+    return max(size, min(dev.max_queue_size, VU_SHADOW_MAX))
+
+
+class ShadowDevice:
+    """The device side of shadow virtqueues: guest memory mapped for the
+    device, per queue a shadow split ring in svq.py's memory (descriptors
+    and avail device-readable, used device-writable), its kick and call
+    eventfds, the ShadowVirtqueue that bridges it to a guest ring, bounce
+    pools on demand; and all of it undone by teardown()."""
+
+    def __init__(self, dev, mem):
+        self.dev, self.mem = dev, mem
+        self.svqs = []
+        self.shadow_mems = []
+        self.fds = []
+        map_guest_memory(dev, mem)
+
+    def add_queue(self, vq, guest_ring, guest_features, device_features, guest_kick, guest_call,
+                  snum=None, log=None, log_used_gpa=None, last_avail_idx=0, guest_used_idx=0,
+                  shadow_base=0, stats=None, guest_state=None, guest_gpas=None):
+        dev = self.dev
+        snum = snum or shadow_ring_size(guest_ring.num, dev)
+        total, doff, aoff, uoff = SplitRing.layout(snum)
+        smem = SharedMemory(total)
+        self.shadow_mems.append(smem)
+        sring = SplitRing(snum, smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total])
+        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
+        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
+        dkick, dcall = eventfd(), eventfd()
+        self.fds += [dkick, dcall]
+        svq = ShadowVirtqueue(vq, self.mem, guest_ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
+                              guest_features, device_features, guest_kick, guest_call, dkick, dcall,
+                              log=log, log_used_gpa=log_used_gpa, guest_used_idx=guest_used_idx,
+                              last_avail_idx=last_avail_idx, shadow_base=shadow_base, stats=stats,
+                              bounce=self.bounce_pool, guest_state=guest_state,
+                              guest_gpas=guest_gpas)
+        self.svqs.append(svq)
+        dev.setup_vq(vq, snum, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall, shadow_base)
+        return svq
+
+    def bounce_pool(self):
+        smem = SharedMemory(BouncePool.SIZE)
+        self.shadow_mems.append(smem)
+        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
+
+    def teardown(self):
+        """Unbind the device's eventfds, empty its IOTLB, let go of every ring
+        view and mapping (the device is reset already)."""
+        dev = self.dev
+        for svq in self.svqs:
+            svq.set_log(None)
+            svq.release()
+            if dev.dev.fd >= 0:
+                for setter in (dev.dev.set_vring_kick, dev.dev.set_vring_call):
+                    try:
+                        setter(svq.index, VHOST_FILE_UNBIND)
+                    except DeviceError:
+                        pass
+        self.svqs = []
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        if dev.dev.fd >= 0:
+            dev.unmap_all()
+        for m in self.shadow_mems:
+            m.close()
+        self.shadow_mems = []
+        for r in self.mem.regions:
+            r.iova = None
+
+
+# ============================================================================
 # Event loop
 # ============================================================================
 
@@ -3532,7 +3627,7 @@ class BuiltinRun:
 
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
-                 ring_base=0, straddle=False, cpus=None, opener=VhostVdpa):
+                 ring_base=0, straddle=False, cpus=None, packed=False, opener=VhostVdpa):
         self.path, self.direct = path, direct
         self.cpus = _check_cpus(cpus)           # (driver CPU, svq CPU) or None
         self.straddle = straddle
@@ -3541,7 +3636,8 @@ class BuiltinRun:
         self.progress = progress
         self.fds = []
         self.svqs = []
-        self.shadow_mems = []
+        self.sdev = None
+        self.packed = packed
         self.mem = None
         self.dev = None
         self.loop = None
@@ -3583,6 +3679,15 @@ class BuiltinRun:
             driver_can &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
         if not indirect:
             driver_can &= ~(1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if self.packed:
+            if self.ring_base:
+                raise UsageError("--ring-base is for split rings (a packed ring wraps every "
+                                 "queue size descriptors anyway)")
+            if self.direct and not dev.device_features >> VIRTIO_F_RING_PACKED & 1:
+                raise UsageError("--packed --direct: %s has no packed ring (VIRTIO_F_RING_PACKED); "
+                                 "without --direct the shadow ring carries the driver's packed "
+                                 "ring to the device's split one" % self.path)
+            driver_can |= 1 << VIRTIO_F_RING_PACKED
         if self.direct:
             device_features = dev.negotiate(driver_can)
             guest_features = device_features
@@ -3601,7 +3706,8 @@ class BuiltinRun:
         # buffers.  The regions meet between two buffers; with `straddle` the
         # buffers start 256 bytes before a page and the regions meet inside a
         # buffer every run uses (the shadow must split it: copied layout).
-        ring_bytes = page_align_up(SplitRing.layout(num)[0])
+        ring_layout = PackedRing.layout if self.packed else SplitRing.layout
+        ring_bytes = page_align_up(ring_layout(num)[0])
         ind_max = 8 + drv.queue_count + getattr(drv, "nsegs", 0)
         ind_bytes = page_align_up(num * ind_max * 16)
         rings_end = self.GUEST_BASE + nq * (ring_bytes + ind_bytes)
@@ -3616,52 +3722,31 @@ class BuiltinRun:
         self.mem = mem = GuestMemory.anonymous([(self.GUEST_BASE, first),
                                                 (self.GUEST_BASE + first, total - first)])
         if self.direct:
-            for r in mem.regions:                   # IOVA = GPA
-                dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa)
-                r.iova = r.gpa
+            map_guest_memory(dev, mem)
         else:
-            for r in mem.regions:
-                r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+            self.sdev = ShadowDevice(dev, mem)
             self.log = DirtyLog(mem.size >> PAGE_SHIFT)
         drv.setup_buffers(mem, buf_base)
         queues = []
+        base = self.ring_base
         for vq in range(nq):
             ring_gpa = self.GUEST_BASE + vq * (ring_bytes + ind_bytes)
             kick, call = self._eventfd(), self._eventfd()
-            dq = DriverVirtqueue(vq, mem, num, ring_gpa, guest_features, kick, call,
-                                 ring_gpa + ring_bytes, ind_max, self.ring_base, fixed=True)
+            dq = driver_queue(vq, mem, num, ring_gpa, guest_features, kick, call,
+                              ring_gpa + ring_bytes, ind_max, base, fixed=True)
             queues.append(dq)
             if self.direct:
+                # A packed ring's VHOST_SET_VRING_BASE: both wrap counters at 1.
                 dev.setup_vq(vq, num, dq.desc_gpa, dq.avail_gpa, dq.used_gpa, kick, call,
-                             self.ring_base)
+                             dq.state() if self.packed else base)
             else:
-                self.svqs.append(self._shadow_queue(vq, dq, device_features, guest_features))
+                self.svqs.append(self.sdev.add_queue(
+                    vq, dq.ring, guest_features, device_features, dq.kick_fd, dq.call_fd, snum=num,
+                    log=self.log, log_used_gpa=dq.used_gpa, last_avail_idx=base,
+                    guest_used_idx=base, shadow_base=base, stats=self.svq_stats,
+                    guest_gpas=(dq.desc_gpa, dq.used_gpa) if self.packed else None))
         drv.attach(queues)
         dev.start(range(nq))
-
-    def _shadow_queue(self, vq, dq, device_features, guest_features):
-        dev, num = self.dev, dq.num
-        total, doff, aoff, uoff = SplitRing.layout(num)
-        smem = SharedMemory(total)
-        self.shadow_mems.append(smem)
-        sring = SplitRing(num, smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total])
-        # The device only reads descriptors and avail; it writes used.
-        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
-        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
-        dkick, dcall = self._eventfd(), self._eventfd()
-        base = self.ring_base
-        svq = ShadowVirtqueue(vq, self.mem, dq.ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
-                              guest_features, device_features, dq.kick_fd, dq.call_fd,
-                              dkick, dcall, log=self.log, log_used_gpa=dq.used_gpa,
-                              guest_used_idx=base, last_avail_idx=base, shadow_base=base,
-                              stats=self.svq_stats, bounce=self._bounce_pool)
-        dev.setup_vq(vq, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall, base)
-        return svq
-
-    def _bounce_pool(self):
-        smem = SharedMemory(BouncePool.SIZE)
-        self.shadow_mems.append(smem)
-        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
 
     # -- running --
     #
@@ -3888,7 +3973,7 @@ class BuiltinRun:
                             "svq": None if self.direct else _round(self.svq_cpu, 3)},
             "cpus": {"pinned": self.cpus is not None,
                      "driver": self.affinity.get("driver"), "svq": self.affinity.get("svq")},
-            "queue_size": self.driver.num,
+            "queue_size": self.driver.num, "ring": "packed" if self.packed else "split",
             "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
             "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
             "config": self.config, "run_id": self.run_id,
@@ -3907,17 +3992,15 @@ class BuiltinRun:
             self.loop = None
         if self.dev is not None:
             self.dev.close()        # reset, unmap every IOTLB entry, close
+        if self.sdev is not None:
+            self.sdev.teardown()    # the shadow rings' views, eventfds, memory
+            self.sdev = None
         for fd in self.fds:
             os.close(fd)
         self.fds = []
         for q in getattr(getattr(self, "driver", None), "queues", []):
             q.release()
-        for svq in self.svqs:
-            svq.release()
         self.svqs = []
-        for m in self.shadow_mems:
-            m.close()
-        self.shadow_mems = []
         if self.mem is not None:
             self.mem.close()
             self.mem = None
@@ -4210,8 +4293,6 @@ class VuVring:
         self.started = False        # kick received since the last GET_VRING_BASE
         self.svq = None
         self.views = []             # memoryviews to release on teardown
-        self.shadow_mem = None
-        self.device_fds = ()
         self.polled = 0
         self.pending_seen = None    # progress marks when poll() last saw work pending
 
@@ -4242,7 +4323,7 @@ class VhostUserConnection:
         self.nvq = server.nvq
         self.vrings = [VuVring(i) for i in range(self.nvq)]
         self.rarp = None            # MAC to announce once the device runs
-        self.pools = []             # bounce pools while the device runs
+        self.sdev = None            # the shadow queues while the device runs
         self.inbuf = bytearray()    # the message being received
         self.infds = []             # and the fds that came with it
         self.partial_since = None
@@ -4524,9 +4605,10 @@ class VhostUserConnection:
     def h_set_vring_num(self, payload, fds):
         v, num = self._state(payload, fds)
         limit = min(32768, self.dev.max_queue_size)
-        if not 1 <= num <= limit or num & (num - 1):
-            raise ProtocolError("vq %d: size %d is not a power of two in [1, %d]"
-                                % (v.index, num, limit))
+        packed = self.features >> VIRTIO_F_RING_PACKED & 1
+        if not 1 <= num <= limit or (num & (num - 1) and not packed):
+            raise ProtocolError("vq %d: size %d is not %s in [1, %d]"
+                                % (v.index, num, "a size" if packed else "a power of two", limit))
         self._stop_if_running(v, num != v.num)
         v.num = num
 
@@ -4549,8 +4631,10 @@ class VhostUserConnection:
         v.addr = new
 
     def h_set_vring_base(self, payload, fds):
+        """The next avail index (split); for a packed ring the avail position
+        and wrap counter in bits 0-15 and the used ones in bits 16-31."""
         v, base = self._state(payload, fds)
-        if base > 0xffff:
+        if base > 0xffff and not self.features >> VIRTIO_F_RING_PACKED & 1:
             raise ProtocolError("vq %d: base %d" % (v.index, base))
         self._stop_if_running(v, True)
         v.base = base
@@ -4755,14 +4839,7 @@ class VhostUserConnection:
         self.running = True         # from here on, _stop_device undoes it all
         try:
             device_features = dev.negotiate(wanted)
-            first, last = dev.iova_map.first, dev.iova_map.last
-            for r in self.mem.regions:
-                # IOVA = GPA where the device's range allows: a later switch
-                # to passthrough then needs no remapping of guest memory.
-                if first <= r.gpa and r.end - 1 <= last:
-                    r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa).iova
-                else:
-                    r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+            self.sdev = ShadowDevice(dev, self.mem)
             for v in self.vrings:
                 self._setup_queue(v, guest_features, device_features)
             dev.start(range(self.nvq))
@@ -4770,9 +4847,9 @@ class VhostUserConnection:
             self._stop_device(None)
             raise
         _vlog("device started: %s" % ", ".join(
-            "vq %d size %d (shadow %d) at avail %d used %d"
-            % (v.index, v.num, v.svq.snum, v.svq.last_avail_idx, v.svq.guest_used_idx)
-            for v in self.vrings))
+            "vq %d size %d%s (shadow %d) at avail %#x used %#x"
+            % (v.index, v.num, " packed" if v.svq.packed else "", v.svq.snum,
+               v.svq.last_avail_idx, v.svq.guest_used_idx) for v in self.vrings))
         if self.verbose:
             _vlog("device features: %s" % " ".join(feature_names(device_features, srv.type_names)))
         for v in self.vrings:       # buffers made available while we were stopped
@@ -4781,37 +4858,36 @@ class VhostUserConnection:
         self._send_rarp()
 
     def _setup_queue(self, v, guest_features, device_features):
-        dev, num = self.dev, v.num
+        num = v.num
         flags, desc, used, avail, log = v.addr
-        gring = SplitRing(num, self._ring_view(v, desc, vring_desc_size(num), "descriptor"),
-                          self._ring_view(v, avail, vring_avail_size(num), "avail"),
-                          self._ring_view(v, used, vring_used_size(num), "used"))
-        snum = max(num, min(dev.max_queue_size, VU_SHADOW_MAX))
-        total, doff, aoff, uoff = SplitRing.layout(snum)
-        v.shadow_mem = smem = SharedMemory(total)
-        views = [smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total]]
-        v.views += views
-        sring = SplitRing(snum, *views)
-        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
-        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
-        v.device_fds = dkick, dcall = eventfd(), eventfd()
-        dev.setup_vq(v.index, snum, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
-        used_idx = gring.used16[1]
+        packed = bool(guest_features >> VIRTIO_F_RING_PACKED & 1)
+        if packed:
+            # desc: the descriptor ring; avail and used: the driver and device
+            # event suppression areas.
+            gring = PackedRing(num, self._ring_view(v, desc, VRING_DESC_SIZE * num, "descriptor"),
+                               self._ring_view(v, avail, 4, "driver area"),
+                               self._ring_view(v, used, 4, "device area"))
+            gpas = (self._gpa(desc), self._gpa(used))
+            used_idx = 0
+        else:
+            gring = SplitRing(num, self._ring_view(v, desc, vring_desc_size(num), "descriptor"),
+                              self._ring_view(v, avail, vring_avail_size(num), "avail"),
+                              self._ring_view(v, used, vring_used_size(num), "used"))
+            gpas = None
+            used_idx = gring.used16[1]
         logging = self._logging()
-        v.svq = svq = ShadowVirtqueue(
-            v.index, self.mem, gring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
-            guest_features, device_features, v.kick, v.call if v.call >= 0 else self.sink,
-            dkick, dcall, guest_used_idx=used_idx, last_avail_idx=v.base,
-            log=self.dirty if logging else None,
+        v.svq = svq = self.sdev.add_queue(
+            v.index, gring, guest_features, device_features, v.kick,
+            v.call if v.call >= 0 else self.sink, log=self.dirty if logging else None,
             log_used_gpa=log if logging and flags & (1 << VHOST_VRING_F_LOG) else None,
-            bounce=self._bounce_pool)
+            last_avail_idx=v.base, guest_used_idx=used_idx,
+            guest_state=v.base if packed else None, guest_gpas=gpas)
         self.loop.add_reader(v.kick, self._guard(v, svq.handle_guest_kick))
-        self.loop.add_reader(dcall, self._guard(v, svq.handle_device_call))
+        self.loop.add_reader(svq.device_call_fd, self._guard(v, svq.handle_device_call))
 
-    def _bounce_pool(self):
-        smem = SharedMemory(BouncePool.SIZE)
-        self.pools.append(smem)
-        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
+    def _gpa(self, uaddr):
+        r = self.mem.region_by_uaddr(uaddr, 1)
+        return r.gpa + uaddr - r.uaddr
 
     def _guard(self, v, fn):
         svq = v.svq
@@ -4941,36 +5017,18 @@ class VhostUserConnection:
                         ", %d stalls recovered by polling" % v.polled if v.polled else "", why))
                 v.polled = 0
             v.pending_seen = None
-            self._teardown_queue(v)
-        dev.unmap_all()
-        for smem in self.pools:
-            smem.close()
-        self.pools = []
-        if self.mem is not None:
-            for r in self.mem.regions:
-                r.iova = None
-
-    def _teardown_queue(self, v):
-        if v.svq is not None:
-            self.loop.remove_reader(v.svq.guest_kick_fd)
-            self.loop.remove_reader(v.svq.device_call_fd)
-            v.svq.set_log(None)
-            v.svq.release()
-        for setter in (self.dev.dev.set_vring_kick, self.dev.dev.set_vring_call):
-            try:
-                setter(v.index, VHOST_FILE_UNBIND)
-            except DeviceError:
-                pass
-        for fd in v.device_fds:
-            os.close(fd)
-        v.device_fds = ()
-        v.svq = None
-        for view in v.views:
-            view.release()
-        v.views = []
-        if v.shadow_mem is not None:
-            v.shadow_mem.close()
-            v.shadow_mem = None
+            if v.svq is not None:
+                self.loop.remove_reader(v.svq.guest_kick_fd)
+                self.loop.remove_reader(v.svq.device_call_fd)
+            v.svq = None
+            for view in v.views:
+                view.release()
+            v.views = []
+        if self.sdev is not None:
+            self.sdev.teardown()
+            self.sdev = None
+        else:
+            dev.unmap_all()
 
     def close(self, reason):
         """Reset the device, empty its IOTLB, release every mapping and fd."""
@@ -5426,6 +5484,9 @@ def build_parser():
     r.add_argument("--no-event-idx", action="store_true", help="driver: do not use event index")
     r.add_argument("--ring-base", type=int, default=0, metavar="N",
                    help="start every ring index at N (0-65535), to cross the 16-bit wrap early")
+    r.add_argument("--packed", action="store_true",
+                   help="driver: use a packed ring (shadow mode carries it to the device's "
+                        "split ring)")
     r.add_argument("--straddle", action="store_true",
                    help="driver: put one buffer across the two guest memory regions "
                         "(the shadow then copies chains instead of mirroring them)")
@@ -5452,7 +5513,8 @@ def _round(x, digits):
 
 
 def format_summary(s):
-    lines = ["%s: virtio-%s, %s mode, queue size %d" % (s["device"], s["type"], s["mode"], s["queue_size"]),
+    lines = ["%s: virtio-%s, %s mode, %s ring, queue size %d" % (
+                 s["device"], s["type"], s["mode"], s["ring"], s["queue_size"]),
              "  %d requests, %.1f MB in %.2f s: %.0f req/s, %.1f Mbit/s" % (
                  s["requests"], s["bytes"] / 1e6, s["seconds"], s["requests_per_second"],
                  s["mbit_per_second"]),
@@ -5490,7 +5552,7 @@ def cmd_run(args):
     run = BuiltinRun(args.device, direct=args.direct, queue_size=args.queue_size,
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
-                     ring_base=args.ring_base, straddle=args.straddle,
+                     ring_base=args.ring_base, straddle=args.straddle, packed=args.packed,
                      cpus=args.cpus, progress=progress)
     try:
         run.run()

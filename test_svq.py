@@ -256,6 +256,7 @@ def test_log_words_cover_exactly_the_run():
 IOVA_OFFSET = 0x40000000
 EF = (1 << svq.VIRTIO_RING_F_EVENT_IDX)
 INDIRECT = (1 << svq.VIRTIO_RING_F_INDIRECT_DESC)
+PACKED = (1 << svq.VIRTIO_F_RING_PACKED)
 
 
 class Rig:
@@ -266,17 +267,22 @@ class Rig:
 
     POOL_IOVA = 0x70000000
 
-    def __init__(self, num=8, guest_features=0, device_features=0, log=True, bounce=False):
+    def __init__(self, num=8, guest_features=0, device_features=0, log=True, bounce=False,
+                 packed=False, snum=None):
         self.mem = svq.GuestMemory.anonymous([(self.R0, 0x10000), (self.R1, 0x10000)])
         for r in self.mem.regions:
             r.iova = r.gpa + IOVA_OFFSET
         self.fds = [svq.eventfd() for _ in range(4)]
         kick, call, self.dkick, self.dcall = self.fds
-        self.drv = svq.DriverVirtqueue(0, self.mem, num, self.R0, guest_features, kick, call,
-                                       self.R0 + 0x8000, 8)
-        total, doff, aoff, uoff = svq.SplitRing.layout(num)
+        if packed:
+            guest_features |= PACKED
+        self.packed = packed
+        self.drv = svq.driver_queue(0, self.mem, num, self.R0, guest_features, kick, call,
+                                    self.R0 + 0x8000, 8)
+        snum = snum or num
+        total, doff, aoff, uoff = svq.SplitRing.layout(snum)
         self.smem = svq.SharedMemory(total)
-        self.sring = svq.SplitRing(num, self.smem.mv[doff:aoff], self.smem.mv[aoff:uoff],
+        self.sring = svq.SplitRing(snum, self.smem.mv[doff:aoff], self.smem.mv[aoff:uoff],
                                    self.smem.mv[uoff:total])
         self.log = svq.DirtyLog(self.mem.size >> 12) if log else None
         self.pool_mem = svq.SharedMemory(1 << 20) if bounce else None
@@ -289,7 +295,9 @@ class Rig:
                                        guest_features, device_features, kick, call,
                                        self.dkick, self.dcall, log=self.log,
                                        log_used_gpa=self.drv.used_gpa,
-                                       bounce=pool if bounce else None)
+                                       bounce=pool if bounce else None,
+                                       guest_gpas=(self.drv.desc_gpa, self.drv.used_gpa)
+                                       if packed else None)
         self.dev_last_avail = 0
         self.dev_used = 0
         self.pending = []
@@ -759,6 +767,161 @@ def test_svq_chain_longer_than_shadow_ring_is_an_error_not_a_hang(rig):
         r.svq.handle_guest_kick()
 
 
+# -- packed guest rings --
+
+def _pdesc(r, pos, addr, length, bid, flags, wrap=1):
+    """A raw packed descriptor, made available for wrap counter `wrap`
+    (AVAIL = wrap, USED = not wrap), flags stored last."""
+    ring = r.drv.ring
+    ring.desc64[2 * pos] = addr
+    ring.desc32[4 * pos + 2] = length
+    ring.desc16[8 * pos + 6] = bid
+    ring.desc16[8 * pos + 7] = flags | wrap << 7 | (wrap ^ 1) << 15
+
+
+@pytest.mark.parametrize("guest_features", [0, EF], ids=["flags", "event_idx"])
+def test_packed_guest_ring_over_a_split_shadow_ring(rig, guest_features):
+    """Chains of 1, 2 and 3 descriptors, completed by the device in reverse
+    order, round after round until both wrap counters have flipped many
+    times: every buffer comes back once, with its length, the used
+    positions advancing by each chain's size; the shadow is split."""
+    r = rig(packed=True, guest_features=guest_features)
+    shapes = [[(0x112000, 100, True)],
+              [(0x101800, 16, False), (0x113000, 512, True)],
+              [(0x101900, 16, False), (0x114000, 0x1800, True), (0x101a00, 1, True)]]
+    for rnd in range(60):
+        for k, bufs in enumerate(shapes):
+            assert r.drv.add(bufs, (rnd, k))
+        r.drv.kick()
+        r.svq.handle_guest_kick()
+        heads = r.device_pop()
+        assert [len(r.shadow_chain(h)) for h in heads] == [1, 2, 3]
+        assert all(a >= IOVA_OFFSET for h in heads for a, _, _ in r.shadow_chain(h))
+        for h in reversed(heads):
+            r.device_push(h, sum(n for _, n, w in r.shadow_chain(h) if w))
+        r.pending.clear()
+        r.svq.handle_device_call()
+        got = []
+        while True:
+            u = r.drv.get_used()
+            if u is None:
+                break
+            got.append(u)
+        assert got == [((rnd, 2), 0x1801), ((rnd, 1), 512), ((rnd, 0), 100)]
+    assert r.drv.num_free == 8 and r.svq.in_flight == 0
+    assert not r.svq.mirror and r.svq.stats.walks == 0
+
+
+def test_packed_guest_indirect_table_is_flattened(rig):
+    r = rig(packed=True, guest_features=INDIRECT)
+    r.guest_add([(0x101000, 16, False), (0x112000, 512, True), (0x113000, 1, True)])
+    assert r.drv.num_free == 7                  # one ring descriptor for the chain
+    r.svq.handle_guest_kick()
+    (head,) = r.device_pop()
+    assert [d[1:] for d in r.shadow_chain(head)] == [(16, 0), (512, 2), (1, 2)]
+    r.device_push(head, 513)
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("t", 513)
+    assert set(r.log.pages()) >= {0x112, 0x113}
+
+
+def test_packed_guest_notifications_follow_its_event_suppression(rig):
+    """The driver's event area: disabled, no call; with EVENT_IDX, a call
+    once the used position reaches the one it names.  Our device area
+    names the next avail position for the guest's kicks."""
+    r = rig(packed=True, guest_features=EF)
+    drv = r.drv
+    drv.disable_cb()
+    r.guest_add([(0x112000, 64, True)])
+    r.svq.handle_guest_kick()
+    (h,) = r.device_pop()
+    r.pending.clear()
+    r.device_push(h, 64)
+    r.svq.handle_device_call()
+    assert svq.eventfd_drain(drv.call_fd) == 0 and drv.get_used() == ("t", 64)
+    assert drv.enable_cb()                      # DESC at the next used position
+    r.guest_add([(0x112000, 64, True)], "u")
+    r.svq.handle_guest_kick()
+    (h,) = r.device_pop()
+    r.pending.clear()
+    r.device_push(h, 64)
+    r.svq.handle_device_call()
+    assert svq.eventfd_drain(drv.call_fd) == 1 and drv.get_used() == ("u", 64)
+    ring = drv.ring
+    assert ring.device16[1] == svq.VRING_PACKED_EVENT_FLAG_DESC
+    assert ring.device16[0] == r.svq.g.last_avail | r.svq.g.avail_wrap << 15
+
+
+HOSTILE_PACKED = {
+    "next descriptor not available": (
+        [(0, 0x101000, 8, 0, svq.VRING_DESC_F_NEXT, 1), (1, 0x101000, 8, 0, 0, 0)],
+        "not available"),
+    "buffer id out of range": ([(0, 0x101000, 8, 99, 0, 1)], "out of range"),
+    "readable after writable": (
+        [(0, 0x112000, 8, 0, svq.VRING_DESC_F_WRITE | svq.VRING_DESC_F_NEXT, 1),
+         (1, 0x101000, 8, 0, 0, 1)], "readable descriptor after"),
+    "chain longer than the ring": (
+        [(k, 0x101000, 8, 0, svq.VRING_DESC_F_NEXT, 1) for k in range(8)], "more descriptors"),
+    "addr outside memory": ([(0, 0x900000, 64, 0, 0, 1)], "outside guest memory"),
+    "indirect not negotiated": ([(0, 0x108000, 32, 0, svq.VRING_DESC_F_INDIRECT, 1)],
+                                "not negotiated"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_PACKED))
+def test_svq_rejects_hostile_packed_guest_ring(rig, case):
+    descs, pattern = HOSTILE_PACKED[case]
+    r = rig(packed=True)
+    for pos, addr, length, bid, flags, wrap in reversed(descs):
+        _pdesc(r, pos, addr, length, bid, flags, wrap)
+    with pytest.raises(svq.RingError, match=pattern):
+        r.svq.handle_guest_kick()
+    assert r.device_pop() == [] and r.svq.broken
+
+
+def test_svq_rejects_a_packed_buffer_id_made_available_twice(rig):
+    r = rig(packed=True)
+    _pdesc(r, 0, 0x112000, 64, 3, svq.VRING_DESC_F_WRITE)
+    r.svq.handle_guest_kick()
+    assert len(r.device_pop()) == 1
+    _pdesc(r, 1, 0x113000, 64, 3, svq.VRING_DESC_F_WRITE)     # id 3 again, in flight
+    with pytest.raises(svq.RingError, match="id 3 is already in flight"):
+        r.svq.handle_guest_kick()
+
+
+def test_packed_indirect_abuse(rig):
+    for length, flags, pattern in (
+            (32, svq.VRING_DESC_F_INDIRECT | svq.VRING_DESC_F_NEXT, "in a chain"),
+            (24, svq.VRING_DESC_F_INDIRECT, "bad indirect table length"),
+            (70000 * 16, svq.VRING_DESC_F_INDIRECT, "at most 1024")):
+        r = rig(packed=True, guest_features=INDIRECT)
+        _pdesc(r, 1, 0x101000, 8, 0, 0)
+        _pdesc(r, 0, 0x108000, length, 0, flags)
+        with pytest.raises(svq.RingError, match=pattern):
+            r.svq.handle_guest_kick()
+
+
+def test_packed_restart_state_hands_back_the_last_chains(rig):
+    """A stopped packed queue's restart state (avail and used positions and
+    wrap counters): chains the device never completed, if they are the last
+    ones taken, are handed back: the avail position goes back over their
+    descriptors."""
+    r = rig(packed=True)
+    r.guest_add([(0x112000, 64, True)], "a")
+    r.guest_add([(0x101000, 16, False), (0x113000, 64, True)], "b")
+    r.guest_add([(0x114000, 64, True)], "c")
+    r.svq.handle_guest_kick()
+    heads = r.device_pop()
+    r.device_push(heads[0], 64)                 # only "a" completes
+    r.pending.clear()
+    r.svq.handle_device_call()
+    assert r.drv.get_used() == ("a", 64)
+    base, rewound, failed = r.svq.restart_index()
+    assert rewound == 2 and failed == []
+    # Avail back at position 1 (wrap 1); used at position 1 (wrap 1).
+    assert base == 1 | 1 << 15 | 1 << 16 | 1 << 31
+
+
 # -- hostile devices --
 
 @pytest.mark.parametrize("kind,pattern", [
@@ -794,20 +957,31 @@ def test_svq_rejects_hostile_device(rig, kind, pattern):
 # Built-in driver end to end against the mock device
 # ============================================================================
 
+def ring_pages(q):
+    """Pages of a driver ring that its device writes: the used ring (split),
+    the descriptor ring and the device area (packed)."""
+    if getattr(q, "packed", False):
+        return set(range(q.desc_gpa >> 12, (q.desc_gpa + 16 * q.num - 1 >> 12) + 1)) | {q.used_gpa >> 12}
+    return set(range(q.used_gpa >> 12, (q.used_gpa + svq.vring_used_size(q.num) - 1 >> 12) + 1))
+
+
 @pytest.mark.parametrize("kind", ["net", "blk"])
-@pytest.mark.parametrize("direct,straddle", [(False, False), (False, True), (True, False)],
-                         ids=["shadow", "shadow-straddle", "direct"])
+@pytest.mark.parametrize("direct,straddle,packed", [(False, False, False), (False, True, False),
+                                                    (True, False, False), (False, False, True),
+                                                    (False, True, True)],
+                         ids=["shadow", "shadow-straddle", "direct", "packed", "packed-straddle"])
 @pytest.mark.parametrize("event_idx", [False, True], ids=["flags", "evidx"])
-def test_builtin_run_against_mock(kind, direct, straddle, event_idx):
+def test_builtin_run_against_mock(kind, direct, straddle, packed, event_idx):
     op = mockvdpa.opener(kind, event_idx=event_idx)
     run = svq.BuiltinRun("/dev/mock", direct=direct, count=1500, seconds=None,
-                         write=kind == "blk", opener=op, queue_size=64, straddle=straddle)
+                         write=kind == "blk", opener=op, queue_size=64, straddle=straddle,
+                         packed=packed, event_idx=event_idx)
     try:
         run.run()
         s = run.summary()
         regions = [(r.iova, r.size, r.gpa) for r in run.mem.regions]
-        used_pages = {q.used_gpa >> 12 for q in run.driver.queues}
-        mems = [r.mem for r in run.mem.regions] + list(run.shadow_mems)
+        used_pages = set().union(*(ring_pages(q) for q in run.driver.queues))
+        mems = [r.mem for r in run.mem.regions] + (list(run.sdev.shadow_mems) if run.sdev else [])
     finally:
         run.close()
     assert not any(m.leaked for m in mems), "a view kept guest memory mapped"
@@ -826,11 +1000,15 @@ def test_builtin_run_against_mock(kind, direct, straddle, event_idx):
                     written.update(range((gpa + iova - base) >> 12, (gpa + iova - base + n - 1 >> 12) + 1))
         assert s["dirty_pages"] == len(written | used_pages)
         assert s["kicks"]["device"] > 0 and s["calls"]["guest"] > 0
-        # The driver keeps its buffers at fixed descriptors, so the shadow
-        # mirrors them; a buffer across the regions makes its queue copy.
-        assert s["layout"][0] == ("copied" if straddle else "mirrored")
-        assert s["layout"][1:] == ["mirrored"] * (len(s["layout"]) - 1)
-        assert 0 < s["chain_walks"] <= s["requests"] * 2
+        if packed:
+            assert s["layout"] == ["copied"] * len(s["layout"]) and s["chain_walks"] == 0
+            assert "RING_PACKED" in s["guest_features"] and "RING_PACKED" not in s["device_features"]
+        else:
+            # The driver keeps its buffers at fixed descriptors, so the shadow
+            # mirrors them; a buffer across the regions makes its queue copy.
+            assert s["layout"][0] == ("copied" if straddle else "mirrored")
+            assert s["layout"][1:] == ["mirrored"] * (len(s["layout"]) - 1)
+            assert 0 < s["chain_walks"] <= s["requests"] * 2
 
 
 def test_builtin_run_with_indirect_and_ring_base_near_wrap():
