@@ -1309,21 +1309,28 @@ def test_info_decodes_all_devices():
 
 
 @pytest.mark.vdpa
-@pytest.mark.parametrize("mode", ["shadow", "shadow-straddle", "shadow-pinned", "direct"])
+@pytest.mark.parametrize("mode", ["shadow", "shadow-straddle", "shadow-pinned", "direct",
+                                  "shadow-packed", "shadow-packed-indirect"])
 @pytest.mark.parametrize("var", ["SVQ_NET_DEV", "SVQ_BLK_DEV", "SVQ_VDUSE_DEV"])
 def test_traffic_is_clean(var, mode):
     cpus = sorted(os.sched_getaffinity(0))
     cpus = (cpus[0], cpus[-1])
     args = [device(var), "--seconds", "2"] + {
         "shadow": [], "direct": ["--direct"], "shadow-straddle": ["--straddle"],
-        "shadow-pinned": ["--cpus", "%d,%d" % cpus]}[mode]
+        "shadow-pinned": ["--cpus", "%d,%d" % cpus], "shadow-packed": ["--packed"],
+        "shadow-packed-indirect": ["--packed", "--indirect"]}[mode]
     if var != "SVQ_NET_DEV":
         args.append("--write")
     s = json_run(*args)
     assert s["errors"] == 0, s["error_messages"]
     assert s["requests"] > 200 and s["mode"] == mode.split("-")[0]
     assert s["type"] == ("net" if var == "SVQ_NET_DEV" else "blk")
-    if mode != "direct":
+    if mode.startswith("shadow-packed"):
+        # A packed ring towards the driver, the device's own split ring.
+        assert s["ring"] == "packed" and set(s["layout"]) == {"copied"}
+        assert "RING_PACKED" in s["guest_features"] and "RING_PACKED" not in s["device_features"]
+        assert s["dirty_pages"] > 0 and s["kicks"]["device"] > 0
+    elif mode != "direct":
         assert s["dirty_pages"] > 0 and s["kicks"]["device"] > 0 and s["calls"]["device"] > 0
         # Fixed descriptors are mirrored; a buffer across the two memory
         # regions (queue 0's) needs two shadow descriptors: copied layout.
@@ -1464,6 +1471,8 @@ def test_device_error_cases_are_one_line():
     path = device("SVQ_NET_DEV")
     assert "above the device maximum 256" in one_line_error(run_cli(path, "--queue-size", "512"))
     assert "power of two" in one_line_error(run_cli(path, "--queue-size", "100"))
+    line = one_line_error(run_cli(path, "--packed", "--direct"))
+    assert "has no packed ring" in line and "without --direct" in line
     fd = os.open(path, os.O_RDWR)        # another holder: the device is busy
     try:
         assert "busy" in one_line_error(run_cli(path))
@@ -1551,7 +1560,7 @@ class Frontend:
     The guest state (memory, ring, eventfds) outlives connections, as a VM's
     does across a backend restart or a migration."""
 
-    def __init__(self, num=NUM, features_extra=0):
+    def __init__(self, num=NUM, features_extra=0, packed=False):
         self.memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
         os.ftruncate(self.memfd, MEM_SIZE)
         self.shm = svq.SharedMemory(MEM_SIZE, fd=self.memfd)
@@ -1560,9 +1569,9 @@ class Frontend:
         self.kick, self.call = svq.eventfd(), svq.eventfd()
         self.num = num
         self.ring_gpa = GPA_BASE
-        self.features = (1 << svq.VIRTIO_F_VERSION_1) | features_extra
-        self.vq = svq.DriverVirtqueue(0, self.mem, num, GPA_BASE, self.features,
-                                      self.kick, self.call)
+        self.features = (1 << svq.VIRTIO_F_VERSION_1) | features_extra | (PACKED if packed else 0)
+        self.packed = packed
+        self.vq = svq.driver_queue(0, self.mem, num, GPA_BASE, self.features, self.kick, self.call)
         self.buf_gpa = GPA_BASE + 16 * PAGE               # data buffers, a page each
         self.meta_gpa = GPA_BASE + (16 + num) * PAGE       # headers and statuses
         self.log_fd = -1
@@ -1633,7 +1642,7 @@ class Frontend:
             return True
 
     # -- set-up, as QEMU's vhost-user-blk does it --
-    def handshake(self, log=False, base=0, event_idx=False, protocol=None):
+    def handshake(self, log=False, base=None, event_idx=False, protocol=None):
         feats = self.get_u64(svq.VHOST_USER_GET_FEATURES)
         assert feats >> svq.VHOST_USER_F_PROTOCOL_FEATURES & 1 and feats >> svq.VHOST_F_LOG_ALL & 1
         assert not feats >> svq.VIRTIO_F_ACCESS_PLATFORM & 1
@@ -1671,8 +1680,10 @@ class Frontend:
     def uaddr(self, gpa):
         return self.region.uaddr + gpa - self.region.gpa
 
-    def start_ring(self, base=0, log=False):
+    def start_ring(self, base=None, log=False):
         vq = self.vq
+        if base is None:                # a fresh ring (packed: both wrap counters at 1)
+            base = vq.state() if self.packed else 0
         self.call_msg(svq.VHOST_USER_SET_VRING_NUM, STATE.pack(0, self.num), ack=True)
         self.call_msg(svq.VHOST_USER_SET_VRING_BASE, STATE.pack(0, base), ack=True)
         self.call_msg(svq.VHOST_USER_SET_VRING_ADDR, struct.pack(
@@ -1749,9 +1760,7 @@ def pattern(lba, tag):
 
 
 def used_pages(fe):
-    first = fe.vq.used_gpa >> 12
-    last = (fe.vq.used_gpa + svq.vring_used_size(fe.num) - 1) >> 12
-    return set(range(first, last + 1))
+    return ring_pages(fe.vq)
 
 
 # ---------------------------------------------------------------------------
@@ -1853,9 +1862,10 @@ def blk_server(request, tmpdir_short):
 # blk through the backend: data, dirty log, stop and resume
 # ---------------------------------------------------------------------------
 
-def test_blk_io_and_dirty_log(blk_server):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_blk_io_and_dirty_log(blk_server, ring):
     srv = blk_server()
-    fe = Frontend()
+    fe = Frontend(packed=ring == "packed")
     try:
         fe.connect(blk_server.path)
         fe.handshake(log=True)
@@ -1896,11 +1906,13 @@ def test_blk_io_and_dirty_log(blk_server):
         fe.close()
 
 
-def test_blk_stop_and_resume_on_fresh_server(blk_server):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_blk_stop_and_resume_on_fresh_server(blk_server, ring):
     """GET_VRING_BASE on one server, SET_VRING_BASE on a new one: every
-    request completes exactly once and the data is intact."""
+    request completes exactly once and the data is intact (a packed ring's
+    base carries both positions and wrap counters)."""
     srv = blk_server()
-    fe = Frontend()
+    fe = Frontend(packed=ring == "packed")
     try:
         fe.connect(blk_server.path)
         fe.handshake(log=True)
@@ -1916,9 +1928,14 @@ def test_blk_stop_and_resume_on_fresh_server(blk_server):
             total += 1
         fe.vq.kick()
         base = fe.get_vring_base()
-        used_idx = struct.unpack_from("<H", fe.vq.ring.used, 2)[0]
-        assert base == used_idx, "base %d, used idx %d: rewound requests must be the last" % (base, used_idx)
-        assert 16 <= base <= 32
+        if fe.packed:
+            # Whatever was taken completed: the avail state equals the used one.
+            assert base & 0xffff == base >> 16 and base & 0x7fff < NUM, hex(base)
+        else:
+            used_idx = struct.unpack_from("<H", fe.vq.ring.used, 2)[0]
+            assert base == used_idx, "base %d, used idx %d: rewound requests must be the last" % (
+                base, used_idx)
+            assert 16 <= base <= 32
         fe.disconnect()
         srv.stop()
         srv = blk_server()                            # a fresh backend
@@ -1998,12 +2015,13 @@ def qemu_stop(fe):
     return fe.get_vring_base()
 
 
-def test_qemu_stop_keeps_the_ring_state_and_restarts_where_it_stopped(tmpdir_short, capfd):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_qemu_stop_keeps_the_ring_state_and_restarts_where_it_stopped(tmpdir_short, capfd, ring):
     """SET_STATUS(0) stops the device but is no reset: GET_VRING_BASE then
     returns the real index (a QMP stop/cont, or a migration source)."""
     path = os.path.join(tmpdir_short, "vu.sock")
     srv = ThreadServer(path, shared_disk_opener())
-    fe = Frontend()
+    fe = Frontend(packed=ring == "packed")
     try:
         fe.connect(path)
         fe.handshake(log=True)
@@ -2013,7 +2031,12 @@ def test_qemu_stop_keeps_the_ring_state_and_restarts_where_it_stopped(tmpdir_sho
             fe.vq.kick()
             assert len(fe.wait(8)) == 8
             base = qemu_stop(fe)
-            assert base == 8 * (rnd + 1) == struct.unpack_from("<H", fe.vq.ring.used, 2)[0]
+            if fe.packed:                   # 8 chains of 3 descriptors a round
+                pos = 24 * (rnd + 1)
+                state = pos % NUM | (1 ^ pos // NUM & 1) << 15
+                assert base == state | state << 16, (hex(base), rnd)
+            else:
+                assert base == 8 * (rnd + 1) == struct.unpack_from("<H", fe.vq.ring.used, 2)[0]
             assert not srv.srv.conn.running
             fe.start_ring(base=base, log=True)          # cont: the rings again, DRIVER_OK
             assert srv.srv.conn.running
@@ -3135,13 +3158,14 @@ class _Testpmd:
         return self.p.returncode
 
 
-def _testpmd(sock, prefix, bursts=4, wait=30.0):
+def _testpmd(sock, prefix, bursts=4, wait=30.0, packed=False):
     """txonly bursts to the device MAC (vdpa_sim_net loops them to RX), then
     rxonly forwarding counts what comes back: the port's counters are read
     until every frame sent has come back, or `wait` seconds have passed.
     Returns the exit code and the whole output."""
     cmd = ["dpdk-testpmd", "-l", "0-1", "--no-huge", "-m", "256", "--no-pci",
-           "--file-prefix=" + prefix, "--vdev", "net_virtio_user0,path=%s,queues=1" % sock,
+           "--file-prefix=" + prefix, "--vdev", "net_virtio_user0,path=%s,queues=1%s" % (
+               sock, ",packed_vq=1" if packed else ""),
            "--", "-i", "--total-num-mbufs=4096", "--eth-peer=0,52:54:00:12:34:56",
            "--forward-mode=rxonly", "--burst=32"]
     t = _Testpmd(cmd)
@@ -3164,7 +3188,10 @@ def _testpmd(sock, prefix, bursts=4, wait=30.0):
 
 
 @pytest.mark.vdpa
-def test_dpdk_testpmd_through_shadow(tmpdir_short):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_dpdk_testpmd_through_shadow(tmpdir_short, ring):
+    """DPDK's virtio-user PMD (packed_vq=1 for a packed ring) through serve
+    to vdpa_sim_net's split rings and back."""
     dev = os.environ.get("SVQ_NET_DEV")
     if not dev or not shutil.which("dpdk-testpmd"):
         pytest.skip("SVQ_NET_DEV or dpdk-testpmd missing (run in the VM rig)")
@@ -3172,12 +3199,14 @@ def test_dpdk_testpmd_through_shadow(tmpdir_short):
     srv = ProcessServer(path, dev)
     try:
         for run in range(2):                    # quit and reconnect: traffic again
-            rc, out = _testpmd(path, "svqtp%d" % run)
+            rc, out = _testpmd(path, "svqtp%d" % run, packed=ring == "packed")
             rx = [int(x) for x in re.findall(r"RX-packets:\s+(\d+)", out)]
             tx = [int(x) for x in re.findall(r"TX-packets:\s+(\d+)", out)]
             assert rc == 0 and tx and tx[-1] > 0, out[-3000:] + srv.log()
             assert rx[-1] == tx[-1], "run %d: sent %d received %d\n%s" % (
                 run, tx[-1], rx[-1], out[-3000:] + srv.log())
+        if ring == "packed":
+            assert re.search(r"vq 0 size \d+ packed", srv.log()), srv.log()
     finally:
         srv.stop()
 
