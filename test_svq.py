@@ -2191,7 +2191,8 @@ class NetFrontend(Frontend):
                                         self.kicks[i], self.calls[i]) for i in range(2)]
         self.vq = self.vqs[0]
 
-    def start_ring(self, base=0, log=False):
+    def start_ring(self, base=None, log=False):
+        base = base or 0
         for i, vq in enumerate(self.vqs):
             self.call_msg(svq.VHOST_USER_SET_VRING_NUM, STATE.pack(i, NUM), ack=True)
             self.call_msg(svq.VHOST_USER_SET_VRING_BASE, STATE.pack(i, base), ack=True)
