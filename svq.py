@@ -4731,6 +4731,9 @@ class VhostUserConnection:
         if self.rarp is None or tx is None or tx.broken is not None:
             return
         _vlog("announcing %s (RARP) on vq 1" % _mac_str(self.rarp))
+        for v in self.vrings:       # RX buffers the guest posted first: the device may loop it back
+            if v.svq is not None and v.svq.broken is None:
+                self._guard(v, v.svq.forward_avail)()
         self._guard(self.vrings[1], lambda: tx.inject(rarp_frame(self.rarp)))()
         self.rarp = None
 
