@@ -2059,9 +2059,15 @@ class PackedGuest:
         self.svq, self.ring, self.num = svq, ring, ring.num
         self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
         self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
-        # state: VHOST_SET_VRING_BASE's packed encoding (None: a fresh ring).
+        # state: VHOST_SET_VRING_BASE's packed encoding (None: a fresh ring):
+        # avail position and wrap counter in bits 0-15, used ones in 16-31.
+        # QEMU sends both; DPDK's virtio-user sends the avail half only, the
+        # used half being the same at any clean stop (everything taken was
+        # used), as DPDK's vhost library reads it too.
         if state is None:
             state = 1 << 15 | 1 << 31
+        elif not state >> 16:
+            state |= state << 16
         self.last_avail, self.avail_wrap = state & 0x7fff, state >> 15 & 1
         self.used_pos, self.used_wrap = state >> 16 & 0x7fff, state >> 31 & 1
         if self.last_avail >= self.num or self.used_pos >= self.num:
