@@ -2491,6 +2491,7 @@ class ShadowVirtqueue:
         if not self.shadow.add(out, token):
             return False
         self.seq += 1
+        self.stats.requests += 1
         return True
 
     def _bounce_pool(self):
@@ -2551,6 +2552,7 @@ class ShadowVirtqueue:
             return False
         if internal is None:
             self.seq += 1
+            self.stats.requests += 1
         self.stats.bounced += 1
         return True
 
@@ -2702,6 +2704,7 @@ class ShadowVirtqueue:
             self.shadow.add_heads(raw if taken == count else raw[:2 * taken])
             self.shadow.num_free -= nfree
             self.seq += taken
+            self.stats.requests += taken
             g.set_avail_state(start + taken)
         return taken
 
@@ -2987,11 +2990,11 @@ class ShadowVirtqueue:
 
 class SvqStats:
     __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked", "walks",
-                 "bounced")
+                 "bounced", "requests")
 
     def __init__(self):
         self.guest_kicks = self.device_kicks = self.device_calls = 0
-        self.guest_calls = self.parked = self.walks = self.bounced = 0
+        self.guest_calls = self.parked = self.walks = self.bounced = self.requests = 0
 
 
 # ============================================================================
@@ -5019,11 +5022,15 @@ class VhostUserConnection:
                     except (OSError, SvqError) as e:
                         _vlog("vq %d: %s" % (v.index, e))
                 if why:
-                    _vlog("vq %d stopped at avail %d used %d%s%s%s (%s)" % (
-                        v.index, v.base, s.guest_used_idx,
-                        " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
-                        ", %d not taken by the device handed back" % rewound if rewound else "",
-                        ", %d stalls recovered by polling" % v.polled if v.polled else "", why))
+                    st = s.stats
+                    _vlog("vq %d stopped at avail %#x used %#x%s%s%s; %d requests, %s layout, "
+                          "%.2f chain walks a request, %d bounced (%s)" % (
+                              v.index, v.base, s.guest_used_idx,
+                              " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
+                              ", %d not taken by the device handed back" % rewound if rewound else "",
+                              ", %d stalls recovered by polling" % v.polled if v.polled else "",
+                              st.requests, "mirrored" if s.mirror else "copied",
+                              st.walks / max(st.requests, 1), st.bounced, why))
                 v.polled = 0
             v.pending_seen = None
             if v.svq is not None:
