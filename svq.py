@@ -1652,6 +1652,44 @@ class SplitDriver:
         self.last_used_idx = (idx + 1) & 0xffff
         return token, length
 
+    def used_batch(self):
+        """Every used entry the device has published: [(token, len)], each
+        checked as in get_used(), its chain back on the free list."""
+        ring, num, tokens = self.ring, self.num, self.tokens
+        idx, end = self.last_used_idx, ring.used16[1]
+        if idx == end:
+            return ()
+        # Read barrier: used index before the entries.
+        smp_rmb()
+        count = (end - idx) & 0xffff
+        if count > self.in_flight:
+            raise RingError(self.side, self.index, end, "used index moved by %d with %d requests "
+                            "in flight" % (count, self.in_flight))
+        unpack, used, mask = _USED_ELEM.unpack_from, ring.used, num - 1
+        desc_next, chain_last, chain_len = self.desc_next, self.chain_last, self.chain_len
+        fixed = self.fixed
+        out = []
+        free_head, num_free = self.free_head, self.num_free
+        try:
+            while idx != end:
+                head, length = unpack(used, 4 + ((idx & mask) << 3))
+                token = tokens[head] if head < num else None
+                if token is None:
+                    raise RingError(self.side, self.index, idx,
+                                    "used id %d was never made available" % head)
+                tokens[head] = None
+                if not fixed:
+                    desc_next[chain_last[head]] = free_head
+                    free_head = head
+                num_free += chain_len[head]
+                out.append((token, length))
+                idx = (idx + 1) & 0xffff
+        finally:
+            self.free_head, self.num_free = free_head, num_free
+            self.in_flight -= len(out)
+            self.last_used_idx = idx
+        return out
+
     def disable_cb(self):
         if not self.event_idx:
             self.ring.avail16[0] = VRING_AVAIL_F_NO_INTERRUPT
@@ -1948,15 +1986,16 @@ class SplitGuest:
         append = bufs.append
         i = head
         hops = 0
+        limit = min(table_n, VIRTQUEUE_MAX_SIZE)   # a longer chain loops, or is too long
         seen_write = indirect = False
         while True:
             if i >= table_n:
                 fail("guest", idx, "descriptor index %d out of range (head %d)" % (i, head))
             addr, length, flags, nxt = unpack(table, i << 4)
             hops += 1
-            if hops > table_n:
-                fail("guest", idx, "descriptor chain from head %d loops or is longer than its "
-                     "table" % head)
+            if hops > limit:
+                fail("guest", idx, "descriptor chain from head %d loops or is longer than %d"
+                     % (head, limit))
             if flags & VRING_DESC_F_INDIRECT:
                 if indirect or not self.indirect or flags & VRING_DESC_F_NEXT:
                     fail("guest", idx, "indirect descriptor %s (head %d)" % (
@@ -1964,6 +2003,7 @@ class SplitGuest:
                         else "not negotiated", head))
                 table, table_n = self.svq.indirect_table(addr, length, head)
                 i, hops, indirect = 0, 0, True
+                limit = table_n
                 continue
             write = flags & VRING_DESC_F_WRITE
             if write:
@@ -1972,12 +2012,8 @@ class SplitGuest:
                 fail("guest", idx, "device-readable descriptor after a writable one (head %d)" % head)
             append((addr, length, write))
             if not flags & VRING_DESC_F_NEXT:
-                break
-            if len(bufs) >= VIRTQUEUE_MAX_SIZE:
-                fail("guest", idx, "chain from head %d has more than %d descriptors"
-                     % (head, VIRTQUEUE_MAX_SIZE))
+                return bufs
             i = nxt
-        return bufs
 
     # -- used side --
     def push(self, head, length, ndescs=1):
@@ -2354,10 +2390,10 @@ class ShadowVirtqueue:
         self.parked = None                      # a popped chain waiting for room
         self.seq = 0                            # guest requests taken, for stop accounting
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
-        # Mirrored layout.  A chain is a tuple (mask, count, wlen, runs, words,
-        # inner): the bit mask of its slots, its descriptor count, writable
-        # bytes, writable buffers as GPA-contiguous runs ((gpa, len), ...),
-        # and its log words (log_words(), found once per walk).  _busy is the
+        # Mirrored layout.  A chain is a tuple (mask, count, wlen, last_w,
+        # words, inner): the bit mask of its slots, its descriptor count,
+        # writable bytes, the GPA of its last writable byte (-1: none), and
+        # its log words (log_words(), found once per walk).  _busy is the
         # mask of the slots in flight; desc_chain and chain_seq, per head in
         # flight, its chain and its request number; _chains, per head, the
         # chain walked from _snap (None: not walked since the table changed).
@@ -2455,44 +2491,63 @@ class ShadowVirtqueue:
     def add(self, gid, bufs, ndescs, state):
         """Add the guest chain `bufs` (popped at avail state `state`) to the
         shadow ring, translated.  False (nothing consumed) when the shadow
-        ring or the bounce pool has too little room for it now."""
+        ring or the bounce pool has too little room for it now.  The
+        request's token (what completing it needs) keeps `bufs` itself: its
+        writable buffers are the ones to log."""
         if len(bufs) > self.max_chain:
             return self._add_bounced(gid, bufs, ndescs, state)
+        lo, hi, delta = self._hint
+        wlen = 0
+        if delta:
+            out = []
+            append = out.append
+            for addr, length, write in bufs:
+                if write:
+                    wlen += length
+                if not (lo <= addr and addr + length <= hi):
+                    out = None
+                    break
+                append((addr + delta, length, write))
+        else:
+            out = bufs                  # IOVA = GPA: the guest's buffers as they are
+            for addr, length, write in bufs:
+                if write:
+                    wlen += length
+                if not (lo <= addr and addr + length <= hi):
+                    out = None
+                    break
+        if out is None:
+            # Not all in the region of the last buffer: region by region.
+            out, wlen = self._translate(bufs, gid)
+            if len(out) > self.snum:
+                return self._add_bounced(gid, bufs, ndescs, state)     # split past the ring
+        if not self.shadow.add(out, (gid, wlen, bufs, self.seq, None, ndescs, state)):
+            return False
+        self.seq += 1
+        self.stats.requests += 1
+        return True
+
+    def _translate(self, bufs, where):
+        """GPA -> IOVA, region by region: one shadow descriptor per region a
+        buffer crosses.  Returns (buffers, writable bytes)."""
         hint_gpa, hint_end, hint_delta = self._hint
         out = []
-        runs = []
         wlen = 0
         for addr, length, write in bufs:
             end = addr + length
             if write:
                 wlen += length
-                if runs and runs[-1][1] == addr:
-                    runs[-1][1] = end
-                else:
-                    runs.append([addr, end])
-            if hint_gpa <= addr and end <= hint_end:
-                # Fast path: the whole buffer lies in the region of the last.
-                out.append((addr + hint_delta, length, write))
-                continue
-            # Translate GPA -> IOVA region by region: one shadow descriptor
-            # per region the buffer crosses.
             while True:
-                r = self._region_of(addr, end, gid)
-                hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
+                if not (hint_gpa <= addr < hint_end):
+                    r = self._region_of(addr, end, where)
+                    hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
                 piece = min(end, hint_end) - addr
                 out.append((addr + hint_delta, piece, write))
                 addr += piece
                 if addr >= end:
                     break
-            self._hint = (hint_gpa, hint_end, hint_delta)
-        if len(out) > self.snum:
-            return self._add_bounced(gid, bufs, ndescs, state)     # split past the ring
-        token = (gid, wlen, tuple((a, e - a) for a, e in runs), self.seq, None, ndescs, state)
-        if not self.shadow.add(out, token):
-            return False
-        self.seq += 1
-        self.stats.requests += 1
-        return True
+        self._hint = (hint_gpa, hint_end, hint_delta)
+        return out, wlen
 
     def _bounce_pool(self):
         if self.bounce is None:
@@ -2526,9 +2581,9 @@ class ShadowVirtqueue:
             return False
         mv, mem = pool.mv, self.mem
         pos = off
-        runs = []
         if internal is not None:
             mv[off:off + rlen] = internal
+            bufs = ()
         else:
             for addr, length, write in bufs:
                 if length:
@@ -2537,16 +2592,10 @@ class ShadowVirtqueue:
                     # it was.
                     mv[pos:pos + length] = mem.read(addr, length)
                     pos += length
-                    if write:
-                        if runs and runs[-1][1] == addr:
-                            runs[-1][1] = addr + length
-                        else:
-                            runs.append([addr, addr + length])
         out = [(pool.iova + off, rlen, 0), (pool.iova + off + rlen, wlen, VRING_DESC_F_WRITE)]
         out = [p for p in out if p[1]] or out[:1]        # all empty: one empty buffer
-        token = (INTERNAL if internal is not None else gid, wlen,
-                 tuple((a, e - a) for a, e in runs), self.seq, (off, rlen + wlen, off + rlen),
-                 ndescs, state)
+        token = (INTERNAL if internal is not None else gid, wlen, bufs, self.seq,
+                 (off, rlen + wlen, off + rlen), ndescs, state)
         if not self.shadow.add(out, token):             # cannot happen: room checked
             pool.release(off, rlen + wlen)
             return False
@@ -2556,14 +2605,15 @@ class ShadowVirtqueue:
         self.stats.bounced += 1
         return True
 
-    def _unbounce(self, bounce, runs):
-        """Copy a bounced chain's writable buffer back to the guest's buffers,
-        and give the pool its space back."""
+    def _unbounce(self, bounce, bufs):
+        """Copy a bounced chain's writable buffer back to the guest's writable
+        buffers, and give the pool its space back."""
         off, size, pos = bounce
         mv, mem = self.bounce.mv, self.mem
-        for gpa, n in runs:
-            mem.write(gpa, mv[pos:pos + n])
-            pos += n
+        for gpa, n, write in bufs:
+            if write:
+                mem.write(gpa, mv[pos:pos + n])
+                pos += n
         self.bounce.release(off, size)
 
     def inject(self, data):
@@ -2597,7 +2647,8 @@ class ShadowVirtqueue:
         snap, num, sdesc = self._snap64, self.num, self.shadow.ring.desc64
         hint_gpa, hint_end, hint_delta = self._hint
         mask = count = wlen = 0
-        runs = []
+        words, inner = [], []
+        last_w = -1
         seen_write = False
         i = head
         while True:
@@ -2634,10 +2685,17 @@ class ShadowVirtqueue:
             if flags & VRING_DESC_F_WRITE:
                 seen_write = True
                 wlen += length
-                if runs and runs[-1][1] == addr:
-                    runs[-1][1] = end
-                else:
-                    runs.append([addr, end])
+                if length:
+                    # Its log bits, found once per walk (one page: one word).
+                    page = addr >> PAGE_SHIFT
+                    if (end - 1) >> PAGE_SHIFT == page:
+                        words.append((page >> 3) << 8 | 1 << (page & 7))
+                    else:
+                        w, r = log_words(addr, length)
+                        words.extend(w)
+                        if r is not None:
+                            inner.append(r)
+                    last_w = end - 1
             elif seen_write:
                 self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
                            % head)
@@ -2649,15 +2707,8 @@ class ShadowVirtqueue:
             if not flags & VRING_DESC_F_NEXT:
                 break
             i = word >> 48
-        runs = tuple((a, e - a) for a, e in runs)
-        words, inner = [], []
-        for gpa, n in runs:
-            w, r = log_words(gpa, n)
-            words.extend(w)
-            if r is not None:
-                inner.append(r)
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, runs, tuple(words), tuple(inner))
+        chain = self._chains[head] = (mask, count, wlen, last_w, tuple(words), tuple(inner))
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -2871,26 +2922,24 @@ class ShadowVirtqueue:
         """Copied layout: move the used entries the shadow ring has to the
         guest's ring; returns how many went to the guest.  QEMU's
         vhost_svq_get_buf."""
-        get_used, push = self.shadow.get_used, self.g.push
+        push = self.g.push
         log = self.wlog
         mark = log.mark if log is not None else None
         moved = 0
-        while True:
-            used = get_used()
-            if used is None:
-                return moved
-            (gid, wlen, runs, _seq, bounce, ndescs, _state), length = used
+        for (gid, wlen, bufs, _seq, bounce, ndescs, _state), length in self.shadow.used_batch():
             if length > wlen:
-                self._fail("device", self.shadow.last_used_idx - 1,
+                self._fail("device", self.shadow.last_used_idx,
                            "used length %d beyond the %d writable bytes" % (length, wlen))
             if bounce is not None:
-                self._unbounce(bounce, runs)
+                self._unbounce(bounce, bufs)
             if mark is not None:
-                for gpa, n in runs:
-                    mark(gpa, n)
+                for gpa, n, write in bufs:
+                    if write:
+                        mark(gpa, n)
             if gid != INTERNAL:
                 push(gid, length, ndescs)
                 moved += 1
+        return moved
 
     def _call_guest(self):
         """Call the guest for the entries published since the last call
@@ -2966,12 +3015,14 @@ class ShadowVirtqueue:
         for h in heads:
             if self.mirror:
                 chain = self.desc_chain[h]
-                gid, runs, ndescs = h, chain[3], 1
+                gid, ndescs = h, 1
+                runs = [(chain[3], 1)] if chain[3] >= 0 else []
                 self.desc_chain[h] = None
                 self.shadow.in_flight -= 1
             else:
                 token = self.shadow.tokens[h]
-                gid, runs, ndescs = token[0], token[2], token[5]
+                gid, ndescs = token[0], token[5]
+                runs = [(a, n) for a, n, w in token[2] if w]
                 self.shadow.tokens[h] = None
                 self.shadow.in_flight -= 1
             length = 0
