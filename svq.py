@@ -3080,12 +3080,14 @@ class ShadowDevice:
     eventfds, the ShadowVirtqueue that bridges it to a guest ring, bounce
     pools on demand; and all of it undone by teardown()."""
 
-    def __init__(self, dev, mem):
+    def __init__(self, dev, mem, mapped=False):
         self.dev, self.mem = dev, mem
         self.svqs = []
         self.shadow_mems = []
+        self.maps = []              # the IOTLB entries of ours (not guest memory)
         self.fds = []
-        map_guest_memory(dev, mem)
+        if not mapped:
+            map_guest_memory(dev, mem)
 
     def add_queue(self, vq, guest_ring, guest_features, device_features, guest_kick, guest_call,
                   snum=None, log=None, log_used_gpa=None, last_avail_idx=0, guest_used_idx=0,
@@ -3098,6 +3100,7 @@ class ShadowDevice:
         sring = SplitRing(snum, smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total])
         ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
         rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
+        self.maps += [ro, rw]
         dkick, dcall = eventfd(), eventfd()
         self.fds += [dkick, dcall]
         svq = ShadowVirtqueue(vq, self.mem, guest_ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
@@ -3113,32 +3116,45 @@ class ShadowDevice:
     def bounce_pool(self):
         smem = SharedMemory(BouncePool.SIZE)
         self.shadow_mems.append(smem)
-        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
+        m = self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW)
+        self.maps.append(m)
+        return BouncePool(smem, m.iova)
 
-    def teardown(self):
-        """Unbind the device's eventfds, empty its IOTLB, let go of every ring
-        view and mapping (the device is reset already)."""
+    def teardown(self, keep_guest=False):
+        """Let go of every shadow ring view, eventfd and mapping; the IOTLB
+        keeps guest memory with keep_guest (a switch to passthrough on a
+        suspended device, which then uses the guest's rings), else it is
+        emptied.  The device is reset or suspended already; with keep_guest
+        its queues are set up anew by the caller (so no eventfd is unbound)."""
         dev = self.dev
         for svq in self.svqs:
             svq.set_log(None)
             svq.release()
-            if dev.dev.fd >= 0:
+            if dev.dev.fd >= 0 and not keep_guest:
                 for setter in (dev.dev.set_vring_kick, dev.dev.set_vring_call):
                     try:
                         setter(svq.index, VHOST_FILE_UNBIND)
                     except DeviceError:
                         pass
         self.svqs = []
+        if dev.dev.fd >= 0:
+            if keep_guest:
+                for m in self.maps:
+                    try:
+                        dev.unmap(m)
+                    except (DeviceError, IOVAError):
+                        pass
+            else:
+                dev.unmap_all()
+                for r in self.mem.regions:
+                    r.iova = None
+        self.maps = []
         for fd in self.fds:
             os.close(fd)
         self.fds = []
-        if dev.dev.fd >= 0:
-            dev.unmap_all()
         for m in self.shadow_mems:
             m.close()
         self.shadow_mems = []
-        for r in self.mem.regions:
-            r.iova = None
 
 
 # ============================================================================
@@ -4384,6 +4400,10 @@ class VhostUserConnection:
         self.vrings = [VuVring(i) for i in range(self.nvq)]
         self.rarp = None            # MAC to announce once the device runs
         self.sdev = None            # the shadow queues while the device runs
+        self.phase = None           # "shadow" or "passthrough" while running
+        self.announcing = False     # shadow for a RARP announce of ours (auto mode)
+        self.switches = 0
+        self.device_features = 0
         self.inbuf = bytearray()    # the message being received
         self.infds = []             # and the fds that came with it
         self.partial_since = None
@@ -4546,6 +4566,8 @@ class VhostUserConnection:
         if changed & ~(1 << VHOST_F_LOG_ALL) or self.verbose:
             _vlog("features: %s" % " ".join(feature_names(f, self.server.type_names)))
         self._apply_log()
+        if self.running and self.phase != self._phase_wanted():
+            self._switch("dirty logging %s" % ("on" if self._logging() else "off"))
         self._maybe_start()
 
     def h_get_protocol_features(self, payload, fds):
@@ -4645,6 +4667,8 @@ class VhostUserConnection:
         old, old_dirty = self.log_mem, self.dirty
         self.log_mem, self.dirty = m, dirty
         self._apply_log()
+        if self.running and self.phase != self._phase_wanted():
+            self._switch("dirty log set")
         if old is not None:
             old_dirty.close()
             old.close()
@@ -4734,6 +4758,8 @@ class VhostUserConnection:
                 raise
             self.loop.remove_reader(old)
             v.svq.guest_kick_fd = fd
+        elif self.running and self.phase == "passthrough":
+            self._device_fd(v, self.dev.dev.set_vring_kick, fd)
         if v.kick >= 0:
             os.close(v.kick)
         v.kick = fd
@@ -4742,8 +4768,19 @@ class VhostUserConnection:
             self._guard(v, v.svq.handle_guest_kick)()
         self._maybe_start()
 
+    def _device_fd(self, v, setter, fd):
+        """Passthrough: a new kick or call fd of the frontend goes straight to
+        the device."""
+        try:
+            setter(v.index, fd)
+        except DeviceError:
+            os.close(fd)
+            raise
+
     def h_set_vring_call(self, payload, fds):
         v, fd = self._vring_fd(payload, fds, "call")
+        if self.running and self.phase == "passthrough":
+            self._device_fd(v, self.dev.dev.set_vring_call, fd if fd >= 0 else self.sink)
         old, v.call = v.call, fd
         if v.svq is not None:
             v.svq.guest_call_fd = fd if fd >= 0 else self.sink
@@ -4788,6 +4825,18 @@ class VhostUserConnection:
         device's TX queue (for guests without GUEST_ANNOUNCE), as DPDK's
         vhost does: the network learns where the guest now is."""
         tx = self.vrings[1].svq if self.running and self.nvq > 1 else None
+        if self.rarp is not None and self.running and tx is None:
+            # Passthrough: the guest's TX ring is the device's, with no room
+            # for a frame of ours.  In auto mode the queues go shadow for the
+            # announce, and back once it is out (poll()).
+            if self.server.mode == "auto":
+                self.announcing = True
+                self._switch("RARP announce")
+            else:
+                _vlog("RARP announce of %s not sent: passthrough (no ring of svq.py's own to "
+                      "send it from)" % _mac_str(self.rarp))
+                self.rarp = None
+            return
         if self.rarp is None or tx is None or tx.broken is not None:
             return
         _vlog("announcing %s (RARP) on vq 1" % _mac_str(self.rarp))
@@ -4893,32 +4942,238 @@ class VhostUserConnection:
         v.views.append(view)
         return view
 
+    # -- modes: passthrough while not logging, shadow while logging --
+    #
+    # In passthrough the device uses the frontend's rings itself (guest memory
+    # is at IOVA = GPA) and the frontend's kick and call eventfds go to the
+    # kernel: no Python on the data path.  When the frontend turns dirty
+    # logging on (QEMU does at migration start) the queues switch to shadow,
+    # and back when it turns it off (a failed or cancelled migration).  Pages
+    # the device wrote before the switch need no log: a VMM's first pass over
+    # RAM, after logging starts, sends every page (QEMU marks all of RAM
+    # dirty first).
+
+    def _phase_wanted(self):
+        mode = self.server.mode
+        if mode == "auto":
+            # Shadow while logging, and while a RARP announce of ours goes out.
+            return "shadow" if self._logging() or self.announcing else "passthrough"
+        return mode
+
+    def _guest_features(self):
+        return self.features & ~((1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _device_wanted(self):
+        dev = self.dev
+        guest = self._guest_features()
+        base = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
+        if self.server.mode == "shadow":
+            # The shadow rings carry what the device lacks (indirect, event
+            # index, a packed ring) to the guest.
+            return ((guest & svq_device_features(dev.device_id)) | base
+                    | (1 << VIRTIO_F_ANY_LAYOUT) | (1 << VIRTIO_RING_F_EVENT_IDX))
+        return guest | base             # the device drives the guest's rings itself
+
     def _start_device(self):
-        dev, srv = self.dev, self.server
-        guest_features = self.features & ~((1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
-        wanted = ((guest_features & svq_device_features(dev.device_id)) | (1 << VIRTIO_F_VERSION_1)
-                  | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << VIRTIO_F_ANY_LAYOUT)
-                  | (1 << VIRTIO_RING_F_EVENT_IDX))
         self.running = True         # from here on, _stop_device undoes it all
         try:
-            device_features = dev.negotiate(wanted)
-            self.sdev = ShadowDevice(dev, self.mem)
-            for v in self.vrings:
-                self._setup_queue(v, guest_features, device_features)
-            dev.start(range(self.nvq))
+            self.device_features = self.dev.negotiate(self._device_wanted())
+            map_guest_memory(self.dev, self.mem)
+            self._bring_up(self._phase_wanted())
+            self.dev.start(range(self.nvq))
         except BaseException:
             self._stop_device(None)
             raise
-        _vlog("device started: %s" % ", ".join(
-            "vq %d size %d%s (shadow %d) at avail %#x used %#x"
-            % (v.index, v.num, " packed" if v.svq.packed else "", v.svq.snum,
-               v.svq.last_avail_idx, v.svq.guest_used_idx) for v in self.vrings))
+        self._started_log()
+        self._after_start()
+
+    def _started_log(self):
+        if self.phase == "shadow":
+            _vlog("device started, shadow: %s" % ", ".join(
+                "vq %d size %d%s (shadow %d) at avail %#x used %#x"
+                % (v.index, v.num, " packed" if v.svq.packed else "", v.svq.snum,
+                   v.svq.last_avail_idx, v.svq.guest_used_idx) for v in self.vrings))
+        else:
+            _vlog("device started, passthrough: %s" % ", ".join(
+                "vq %d size %d at avail %#x" % (v.index, v.num, v.base) for v in self.vrings))
         if self.verbose:
-            _vlog("device features: %s" % " ".join(feature_names(device_features, srv.type_names)))
+            _vlog("device features: %s" % " ".join(
+                feature_names(self.device_features, self.server.type_names)))
+
+    def _after_start(self):
         for v in self.vrings:       # buffers made available while we were stopped
             if v.svq is not None and v.svq.broken is None:
                 self._guard(v, v.svq.forward_avail)()
         self._send_rarp()
+
+    def _bring_up(self, phase):
+        """Set every queue up for `phase` (the device is negotiated, guest
+        memory mapped; not yet DRIVER_OK, or suspended)."""
+        if phase == "shadow":
+            self.sdev = ShadowDevice(self.dev, self.mem, mapped=True)
+            for v in self.vrings:
+                self._setup_queue(v, self._guest_features(), self.device_features)
+        else:
+            for v in self.vrings:
+                self._setup_passthrough(v)
+        self.phase = phase
+
+    def _setup_passthrough(self, v):
+        num = v.num
+        flags, desc, used, avail, log = v.addr
+        if self._guest_features() >> VIRTIO_F_RING_PACKED & 1:
+            sizes = (VRING_DESC_SIZE * num, 4, 4)
+        else:
+            sizes = (vring_desc_size(num), vring_avail_size(num), vring_used_size(num))
+        for uaddr, size, what in zip((desc, avail, used), sizes, ("descriptor", "avail", "used")):
+            self._ring_view(v, uaddr, size, what).release()     # in the memory table
+        self.dev.setup_vq(v.index, num, self._gpa(desc), self._gpa(avail), self._gpa(used),
+                          v.kick, v.call if v.call >= 0 else self.sink, v.base)
+
+    def _switch(self, why):
+        """Move the running queues to the other phase without losing or
+        repeating a request (see _quiesce_*), in place on a suspended device
+        where it can (VHOST_VDPA_SUSPEND, ring addresses changed, RESUME),
+        else by a reset and a new bring-up."""
+        dev, to = self.dev, self._phase_wanted()
+        t0 = time.monotonic()
+        suspended = (self._quiesce_shadow(why) if self.phase == "shadow"
+                     else self._quiesce_passthrough(why))
+        how = "reset"
+        if suspended:
+            try:
+                for v in self.vrings:
+                    dev.dev.set_vring_enable(v.index, False)
+                self._teardown_phase(keep_maps=True)
+                self._bring_up(to)
+                for v in self.vrings:
+                    dev.dev.set_vring_enable(v.index, True)
+                dev.dev.resume()
+                how = "suspend/resume"
+            except DeviceError as e:
+                _vlog("switching in place: %s; resetting instead" % e)
+                suspended = False
+        if not suspended:
+            dev.reset()
+            self._teardown_phase(keep_maps=False)
+            self.device_features = dev.negotiate(self._device_wanted())
+            map_guest_memory(dev, self.mem)
+            self._bring_up(to)
+            dev.start(range(self.nvq))
+        _vlog("switched to %s in %.1f ms (%s; %s)" % (to, (time.monotonic() - t0) * 1e3, how, why))
+        self.switches += 1
+        self._after_start()
+
+    def _quiesce_passthrough(self, why):
+        """Stop a passthrough device taking guest requests and record, per
+        queue, where the guest's ring stands (v.base).  The device's kicks go
+        to an eventfd of ours first, and the device is left to complete what
+        it took, in whatever order (the guest's used index catches up with the
+        device's avail index); then it is suspended where it can be.  A
+        device that takes requests only when kicked (vdpa_sim, qemu-storage-
+        daemon's VDUSE export) takes no more meanwhile.  A request still not
+        completed when the wait is over is handed back (rewound), with a
+        warning: right for a device that completes in order.  Returns
+        whether the device is suspended."""
+        dev = self.dev
+        for v in self.vrings:
+            dev.dev.set_vring_kick(v.index, self.sink)
+        packed = bool(self._guest_features() >> VIRTIO_F_RING_PACKED & 1)
+        deadline = time.monotonic() + (0.3 if self.loop.stopped else VU_DRAIN_SECONDS)
+
+        def behind(v):
+            state = dev.dev.get_vring_base(v.index)
+            if packed:                      # avail and used position, wrap counters
+                return state, (state ^ state >> 16) & 0xffff
+            return state, (state - self._guest_used_idx(v)) & 0xffff
+        for v in self.vrings:
+            while behind(v)[1] and time.monotonic() < deadline:
+                time.sleep(0.001)
+        suspended = False
+        if dev.has_backend(VHOST_BACKEND_F_SUSPEND) and dev.has_backend(VHOST_BACKEND_F_RESUME):
+            try:
+                suspended = dev.suspend()
+            except DeviceError as e:
+                _vlog("suspend: %s" % e)
+        for v in self.vrings:
+            state, missing = behind(v)
+            if missing:
+                _vlog("vq %d: %d requests the device took did not complete; handed back "
+                      "(%s)" % (v.index, missing, why))
+                state = ((state >> 16) * 0x10001 if packed else self._guest_used_idx(v))
+            v.base = state
+        return suspended
+
+    def _guest_used_idx(self, v):
+        flags, desc, used, avail, log = v.addr
+        view = self._ring_view(v, used, 4, "used")
+        idx = view.cast("H")[1]
+        view.release()
+        return idx
+
+    def _quiesce_shadow(self, why):
+        """Take no new guest request, let those in flight complete, suspend,
+        move what completed to the guest, and record where each queue
+        restarts (v.base).  Returns whether the device is suspended."""
+        dev = self.dev
+        live = [v for v in self.vrings if v.svq is not None]
+        for v in live:
+            v.svq.stopping = True               # no new guest requests
+        drained = self._drain() if why is not None else 0.0
+        suspended = False
+        try:
+            suspended = dev.suspend()
+        except DeviceError:
+            pass
+        for v in live:                          # what completed until the suspend
+            self._flush(v)
+        if why is None:
+            return suspended
+        blk = dev.device_id == VIRTIO_ID_BLOCK
+        for v in live:
+            s = v.svq
+            v.base, rewound, failed = s.restart_index()
+            if failed:
+                # Requests the device took and never completed, with later
+                # ones completed: one index cannot hand them back.
+                _vlog("vq %d: %d requests did not complete within %.1f s; "
+                      "completed as failed" % (v.index, len(failed), drained))
+                try:
+                    s.complete_with_error([h for _, h, _ in failed], blk)
+                except (OSError, SvqError) as e:
+                    _vlog("vq %d: %s" % (v.index, e))
+            st = s.stats
+            _vlog("vq %d stopped at avail %#x used %#x%s%s%s; %d requests, %s layout, "
+                  "%.2f chain walks a request, %d bounced (%s)" % (
+                      v.index, v.base, s.guest_used_idx,
+                      " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
+                      ", %d not taken by the device handed back" % rewound if rewound else "",
+                      ", %d stalls recovered by polling" % v.polled if v.polled else "",
+                      st.requests, "mirrored" if s.mirror else "copied",
+                      st.walks / max(st.requests, 1), st.bounced, why))
+            v.polled = 0
+        return suspended
+
+    def _teardown_phase(self, keep_maps):
+        """Let go of the shadow queues (readers, rings, views); the device's
+        IOTLB keeps guest memory with keep_maps."""
+        for v in self.vrings:
+            v.pending_seen = None
+            if v.svq is not None:
+                self.loop.remove_reader(v.svq.guest_kick_fd)
+                self.loop.remove_reader(v.svq.device_call_fd)
+            v.svq = None
+            for view in v.views:
+                view.release()
+            v.views = []
+        if self.sdev is not None:
+            self.sdev.teardown(keep_guest=keep_maps)
+            self.sdev = None
+        if not keep_maps:
+            self.dev.unmap_all()
+            if self.mem is not None:
+                for r in self.mem.regions:
+                    r.iova = None
 
     def _setup_queue(self, v, guest_features, device_features):
         num = v.num
@@ -4978,8 +5233,16 @@ class VhostUserConnection:
         work, still pending a tick later, with no handler run in between, is
         a lost notification."""
         self.poll_stalled()
-        if self.closed or not self.running:
+        if self.closed or not self.running or self.phase != "shadow":
             return
+        if self.announcing:
+            tx = self.vrings[1].svq
+            if tx is None or not tx.injections and not any(
+                    t is not None and t[0] == INTERNAL for t in tx.shadow.tokens):
+                self.announcing = False
+                if self._phase_wanted() != self.phase:
+                    self._switch("RARP announce sent")
+                    return
         for v in self.vrings:
             s = v.svq
             if s is None or s.broken is not None:
@@ -5044,58 +5307,18 @@ class VhostUserConnection:
         if not self.running:
             return
         self.running = False
-        dev = self.dev
-        live = [v for v in self.vrings if v.svq is not None]
-        for v in live:
-            v.svq.stopping = True               # no new guest requests
-        drained = self._drain() if why is not None else 0.0
-        try:
-            dev.suspend()
-        except DeviceError:
-            pass
-        for v in live:                          # what completed until the suspend
-            self._flush(v)
-        dev.reset()
-        for v in live:                          # and until the reset
-            self._flush(v)
-        blk = dev.device_id == VIRTIO_ID_BLOCK
-        for v in self.vrings:
-            s = v.svq
-            if s is not None and why is not None:
-                v.base, rewound, failed = s.restart_index()
-                if failed:
-                    # Requests the device took and never completed, with later
-                    # ones completed: one index cannot hand them back.
-                    _vlog("vq %d: %d requests did not complete within %.1f s; "
-                          "completed as failed" % (v.index, len(failed), drained))
-                    try:
-                        s.complete_with_error([h for _, h, _ in failed], blk)
-                    except (OSError, SvqError) as e:
-                        _vlog("vq %d: %s" % (v.index, e))
-                if why:
-                    st = s.stats
-                    _vlog("vq %d stopped at avail %#x used %#x%s%s%s; %d requests, %s layout, "
-                          "%.2f chain walks a request, %d bounced (%s)" % (
-                              v.index, v.base, s.guest_used_idx,
-                              " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
-                              ", %d not taken by the device handed back" % rewound if rewound else "",
-                              ", %d stalls recovered by polling" % v.polled if v.polled else "",
-                              st.requests, "mirrored" if s.mirror else "copied",
-                              st.walks / max(st.requests, 1), st.bounced, why))
-                v.polled = 0
-            v.pending_seen = None
-            if v.svq is not None:
-                self.loop.remove_reader(v.svq.guest_kick_fd)
-                self.loop.remove_reader(v.svq.device_call_fd)
-            v.svq = None
-            for view in v.views:
-                view.release()
-            v.views = []
-        if self.sdev is not None:
-            self.sdev.teardown()
-            self.sdev = None
-        else:
-            dev.unmap_all()
+        if self.phase == "shadow":
+            self._quiesce_shadow(why)
+        elif why is not None:
+            self._quiesce_passthrough(why)
+            _vlog("vq%s stopped at avail %s (passthrough; %s)" % (
+                "s" if self.nvq > 1 else "", ", ".join("%#x" % v.base for v in self.vrings), why))
+        self.dev.reset()
+        if self.phase == "shadow":
+            for v in self.vrings:               # completions until the reset
+                self._flush(v)
+        self._teardown_phase(keep_maps=False)
+        self.phase = None
 
     def close(self, reason):
         """Reset the device, empty its IOTLB, release every mapping and fd."""
@@ -5153,9 +5376,12 @@ class VhostUserServer:
     worker process of its own; else in this process (a library, the tests)."""
 
     def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa,
-                 isolate=False, mac=None):
+                 isolate=False, mac=None, mode="auto"):
         self.device, self.path, self.client = device, socket_path, client
         self.verbose, self.opener, self.isolate = verbose, opener, isolate
+        if mode not in ("auto", "shadow", "passthrough"):
+            raise UsageError("--mode %s: auto, shadow or passthrough" % mode)
+        self.mode = mode
         self.conn = None
         self.worker = None          # pid of the connection's worker process
         self.listener = None
@@ -5179,16 +5405,32 @@ class VhostUserServer:
             if probe.num_vqs < self.nvq:
                 raise SvqError("%s: %d queues, %d needed" % (device, probe.num_vqs, self.nvq))
             shadowable = probe.device_features & svq_device_features(probe.device_id)
-            self.offered = (((shadowable | SVQ_GUEST_EXTRA_FEATURES) & ~(1 << VIRTIO_F_ACCESS_PLATFORM))
+            if mode == "shadow":
+                # The shadow rings carry indirect tables, the event index and a
+                # packed ring to the guest whatever the device has.
+                shadowable |= SVQ_GUEST_EXTRA_FEATURES
+            else:
+                # Passthrough hands the guest's rings to the device: offer
+                # only what the device itself does (the same set in both
+                # phases of auto mode).
+                shadowable |= probe.device_features & SVQ_GUEST_EXTRA_FEATURES
+            self.offered = ((shadowable & ~(1 << VIRTIO_F_ACCESS_PLATFORM))
                             | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
             protocol = [VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK,
                         VHOST_USER_PROTOCOL_F_RESET_DEVICE, VHOST_USER_PROTOCOL_F_STATUS]
-            if native() is not None:
+            if mode == "passthrough":
+                pass                    # the device's writes cannot be logged
+            elif native() is not None:
                 self.offered |= 1 << VHOST_F_LOG_ALL
                 protocol.append(VHOST_USER_PROTOCOL_F_LOG_SHMFD)
             else:
                 _vlog("warning: no dirty logging (VHOST_F_LOG_ALL not offered): the shared log "
                       "needs an atomic OR: %s" % native_error())
+            if mode == "auto" and not (probe.has_backend(VHOST_BACKEND_F_SUSPEND)
+                                       and probe.has_backend(VHOST_BACKEND_F_RESUME)):
+                _vlog("note: %s has no VHOST_VDPA_SUSPEND/RESUME: a switch between passthrough "
+                      "and shadow redirects the guest's kicks, lets the device complete what "
+                      "it took, and resets it" % device)
             # CONFIG where the frontend's device type reads it (QEMU's
             # vhost-user-blk needs it; its net frontend warns that it
             # does not support it); RARP for net.
@@ -5468,7 +5710,7 @@ def _mac(s):
 
 def cmd_serve(args):
     server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose,
-                             isolate=True, mac=args.mac)
+                             isolate=True, mac=args.mac, mode=args.mode)
     try:
         sig = server.run()
     except BaseException:           # a signal before the loop took them over
@@ -5487,6 +5729,10 @@ def add_serve_parser(sub):
     s.add_argument("--client", action="store_true",
                    help="connect to a frontend listening on --socket instead of listening")
     s.add_argument("--mac", type=_mac, help="net: set the device's MAC first (the guest's)")
+    s.add_argument("--mode", choices=("auto", "shadow", "passthrough"), default="auto",
+                   help="auto (default): the device uses the frontend's rings (passthrough) "
+                        "and shadow virtqueues take over while the frontend logs dirty pages "
+                        "(migration); shadow: always; passthrough: never (no dirty log)")
     s.add_argument("--verbose", "-v", action="store_true", help="trace every message")
     return s
 

@@ -1694,6 +1694,19 @@ class Frontend:
         self.call_msg(svq.VHOST_USER_SET_VRING_ENABLE, STATE.pack(0, 1), ack=True)
         self.set_status(ACK_DRIVER_OK)
 
+    def set_logging(self, on):
+        """Dirty logging on or off as QEMU's migration does: SET_FEATURES with
+        LOG_ALL (waiting for the ack: the backend has switched when it comes),
+        then the ring's SET_VRING_ADDR with VHOST_VRING_F_LOG."""
+        if on and self.log is None:
+            self.set_log_base()
+        self.call_msg(svq.VHOST_USER_SET_FEATURES,
+                      U64.pack(self.acked | (1 << svq.VHOST_F_LOG_ALL if on else 0)), ack=True)
+        vq = self.vq
+        self.call_msg(svq.VHOST_USER_SET_VRING_ADDR, struct.pack(
+            "<IIQQQQ", 0, 1 if on else 0, self.uaddr(vq.desc_gpa), self.uaddr(vq.used_gpa),
+            self.uaddr(vq.avail_gpa), vq.used_gpa), ack=True)
+
     def set_status(self, status):
         """As QEMU 7.2 does (when STATUS is negotiated): DRIVER_OK after the
         rings to start, 0 to stop before GET_VRING_BASE."""
@@ -1768,8 +1781,8 @@ def used_pages(fe):
 # ---------------------------------------------------------------------------
 
 class ThreadServer:
-    def __init__(self, path, opener):
-        self.srv = svq.VhostUserServer("mock", path, opener=opener)
+    def __init__(self, path, opener, mode="auto"):
+        self.srv = svq.VhostUserServer("mock", path, opener=opener, mode=mode)
         self.thread = threading.Thread(target=self.srv.run, daemon=True)
         self.thread.start()
 
@@ -1837,15 +1850,15 @@ def blk_server(request, tmpdir_short):
     servers = []
     if request.param == "mock":
         opener = shared_disk_opener()
-        make = lambda: ThreadServer(path, opener)
+        make = lambda mode: ThreadServer(path, opener, mode)
     else:
         dev = os.environ.get(request.param)
         if not dev:
             pytest.skip("%s not set (run in the VM rig)" % request.param)
-        make = lambda: ProcessServer(path, dev)
+        make = lambda mode: ProcessServer(path, dev, ["--mode", mode])
 
-    def start():
-        s = make()
+    def start(mode="auto"):
+        s = make(mode)
         servers.append(s)
         return s
     start.path = path
@@ -1864,7 +1877,7 @@ def blk_server(request, tmpdir_short):
 
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_blk_io_and_dirty_log(blk_server, ring):
-    srv = blk_server()
+    srv = blk_server("shadow" if ring == "packed" else "auto")
     fe = Frontend(packed=ring == "packed")
     try:
         fe.connect(blk_server.path)
@@ -1906,12 +1919,106 @@ def test_blk_io_and_dirty_log(blk_server, ring):
         fe.close()
 
 
+def test_auto_mode_switches_under_load_without_losing_a_request(blk_server):
+    """serve --mode auto: passthrough (the device drives the frontend's ring)
+    while nothing logs, shadow while logging, over and over with requests in
+    flight across every switch: each request completes once, with its data;
+    while logging the log holds exactly the pages written then (and the used
+    ring), and nothing is logged in passthrough (SVQ_SWITCHES switches, 40
+    by default)."""
+    srv = blk_server("auto")
+    fe = Frontend()
+    switches = int(os.environ.get("SVQ_SWITCHES", "40"))
+    try:
+        fe.connect(blk_server.path)
+        fe.handshake()
+        for slot in range(16):                      # a pattern on the disk
+            data, _ = fe.submit(slot, svq.VIRTIO_BLK_T_OUT, 8 * slot)
+            fe.mem.write(data, pattern(8 * slot, 7))
+        fe.vq.kick()
+        assert len(fe.wait(16)) == 16
+        token = 0
+        got = []
+
+        def batch(first_slot, n=8):
+            nonlocal token
+            for k in range(n):
+                slot = first_slot + k
+                fe.mem.write(fe.buf_gpa + slot * PAGE, bytes(PAGE))
+                fe.submit(slot, svq.VIRTIO_BLK_T_IN, 8 * (slot % 16), token=(token, slot))
+                token += 1
+            fe.vq.kick()
+
+        for k in range(switches):
+            on = k % 2 == 0
+            batch(16)                               # in flight across the switch
+            fe.set_logging(on)
+            got += fe.wait(8)
+            fe.log.clear()
+            batch(32)                               # entirely in the new phase
+            done = fe.wait(8)
+            got += done
+            written = {(fe.buf_gpa + s * PAGE) >> 12 for s in range(32, 40)} \
+                | {(fe.meta_gpa + s * 32 + 16) >> 12 for s in range(32, 40)}
+            if on:
+                assert set(fe.log.pages()) == written | used_pages(fe), k
+            else:
+                assert fe.log.pages() == [], "logged in passthrough (switch %d)" % k
+            for slot in list(range(16, 24)) + list(range(32, 40)):
+                assert fe.status(slot) == 0
+                assert fe.mem.read(fe.buf_gpa + slot * PAGE, PAGE) == pattern(8 * (slot % 16), 7)
+        tokens = sorted(t for (t, _), _ in got)
+        assert tokens == list(range(token)), "lost or repeated requests"
+        assert all(length == PAGE + 1 for _, length in got)
+        assert fe.vq.get_used() is None
+        if isinstance(srv, ThreadServer):
+            assert srv.srv.conn.switches == switches
+        else:
+            log = srv.log()
+            assert log.count("switched to") == switches, log[-2000:]
+    finally:
+        fe.close()
+
+
+@pytest.mark.parametrize("to", ["shadow", "passthrough"])
+def test_a_switch_waits_for_requests_completing_out_of_order(tmpdir_short, to):
+    """A switch with requests in flight that complete out of order (lba 8 is
+    slow): it waits for them (in passthrough the device's kicks are ours
+    meanwhile, in shadow no request is taken), so nothing is lost or run
+    twice, whichever way it goes."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = ThreadServer(path, delayed_opener({8: 0.4}))
+    fe = Frontend()
+    try:
+        fe.connect(path)
+        fe.handshake(log=to == "passthrough")
+        assert srv.srv.conn.phase == ("shadow" if to == "passthrough" else "passthrough")
+        for slot in range(3):
+            fe.submit(slot, svq.VIRTIO_BLK_T_IN, 8 * slot, token=slot)
+        fe.vq.kick()
+        time.sleep(0.1)                             # 0 and 2 done, 1 is slow
+        fe.set_logging(to == "shadow")
+        assert srv.srv.conn.phase == to
+        done = fe.wait(3)
+        for slot in range(3, 6):
+            fe.submit(slot, svq.VIRTIO_BLK_T_IN, 0, token=slot)
+        fe.vq.kick()
+        done += fe.wait(3)
+        time.sleep(0.2)
+        assert sorted(t for t, _ in done) == list(range(6)) and fe.vq.get_used() is None
+        assert all(fe.status(s) == 0 for s in range(6))
+    finally:
+        fe.close()
+        srv.stop()
+
+
 @pytest.mark.parametrize("ring", ["split", "packed"])
 def test_blk_stop_and_resume_on_fresh_server(blk_server, ring):
     """GET_VRING_BASE on one server, SET_VRING_BASE on a new one: every
     request completes exactly once and the data is intact (a packed ring's
     base carries both positions and wrap counters)."""
-    srv = blk_server()
+    mode = "shadow" if ring == "packed" else "auto"
+    srv = blk_server(mode)
     fe = Frontend(packed=ring == "packed")
     try:
         fe.connect(blk_server.path)
@@ -1938,7 +2045,7 @@ def test_blk_stop_and_resume_on_fresh_server(blk_server, ring):
             assert 16 <= base <= 32
         fe.disconnect()
         srv.stop()
-        srv = blk_server()                            # a fresh backend
+        srv = blk_server(mode)                        # a fresh backend
         fe.connect(blk_server.path)
         fe.handshake(log=True, base=base)
         done += fe.wait(total - len(done))
@@ -1959,9 +2066,10 @@ def test_blk_stop_and_resume_on_fresh_server(blk_server, ring):
 def test_lost_kick_is_recovered_by_the_tick_and_counted_once(tmpdir_short):
     """A guest that publishes avail and never kicks: the tick's safety net
     forwards it, but only after the work has sat through a whole tick, and
-    counts it once. A kick that arrives normally is never counted."""
+    counts it once. A kick that arrives normally is never counted.  (The
+    shadow's own safety net: in passthrough the kernel has the kicks.)"""
     path = os.path.join(tmpdir_short, "vu.sock")
-    srv = ThreadServer(path, shared_disk_opener())
+    srv = ThreadServer(path, shared_disk_opener(), mode="shadow")
     fe = Frontend()
     try:
         fe.connect(path)
@@ -2020,7 +2128,7 @@ def test_qemu_stop_keeps_the_ring_state_and_restarts_where_it_stopped(tmpdir_sho
     """SET_STATUS(0) stops the device but is no reset: GET_VRING_BASE then
     returns the real index (a QMP stop/cont, or a migration source)."""
     path = os.path.join(tmpdir_short, "vu.sock")
-    srv = ThreadServer(path, shared_disk_opener())
+    srv = ThreadServer(path, shared_disk_opener(), mode="shadow" if ring == "packed" else "auto")
     fe = Frontend(packed=ring == "packed")
     try:
         fe.connect(path)
@@ -2142,7 +2250,7 @@ def test_long_indirect_chain_from_a_guest_is_bounced_through_serve(tmpdir_short)
     ring: bounced, the data arrives, every written page is logged."""
     path = os.path.join(tmpdir_short, "vu.sock")
     opener = shared_disk_opener()
-    srv = ThreadServer(path, opener)
+    srv = ThreadServer(path, opener, mode="shadow")
     fe = Frontend(features_extra=INDIRECT)
     try:
         fe.connect(path)
@@ -2482,7 +2590,7 @@ def test_malformed_message_closes_connection_only(tmpdir_short, name, capfd):
     traceback that pins ring views, counts too)."""
     path = os.path.join(tmpdir_short, "vu.sock")
     fds_before = fd_table()
-    srv = ThreadServer(path, mockvdpa.opener("blk"))
+    srv = ThreadServer(path, mockvdpa.opener("blk"), mode="shadow")
     leaks = svq.SharedMemory.leaks
     gc_was = gc.isenabled()
     gc.disable()
@@ -2595,7 +2703,8 @@ def test_reconnect_leaks_nothing(tmpdir_short):
 
 MOCK_SERVE = """
 import sys, signal, svq, mockvdpa
-srv = svq.VhostUserServer("mock", sys.argv[1], opener=mockvdpa.opener(sys.argv[2]), isolate=True)
+srv = svq.VhostUserServer("mock", sys.argv[1], opener=mockvdpa.opener(sys.argv[2]), isolate=True,
+                          mode=sys.argv[3])
 sig = srv.run()
 sys.exit(0 if sig in (None, signal.SIGTERM, signal.SIGINT) else 1)
 """
@@ -2605,10 +2714,10 @@ class MockProcessServer(ProcessServer):
     """`serve` as the CLI runs it (a worker process per connection), on the
     mock device, in a process of its own."""
 
-    def __init__(self, path, kind="blk"):
+    def __init__(self, path, kind="blk", mode="auto"):
         self.path = path
         self.errlog = open(path + ".log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-c", MOCK_SERVE, path, kind],
+        self.proc = subprocess.Popen([sys.executable, "-c", MOCK_SERVE, path, kind, mode],
                                      stderr=self.errlog, cwd=HERE)
         end = time.monotonic() + 30
         while not os.path.exists(path):
@@ -2714,7 +2823,7 @@ def test_notification_fds_cannot_hang_the_server_or_be_written_into(tmpdir_short
     of blocking in write().  Nothing is ever written into a file."""
     which, kind = case.split(": ")
     path = os.path.join(tmpdir_short, "vu.sock")
-    srv = MockProcessServer(path)
+    srv = MockProcessServer(path, mode="shadow")    # where svq.py reads and writes them
     fe = Frontend()
     memfd = os.memfd_create("victim", os.MFD_CLOEXEC)
     os.ftruncate(memfd, 4096)
