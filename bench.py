@@ -467,7 +467,8 @@ class Copier:
     BUF = 1500
     HDR = 12
 
-    def __init__(self, chain, batch, shadow=True, notify=True, num=256, rewrite=False, copied=False):
+    def __init__(self, chain, batch, shadow=True, notify=True, num=256, rewrite=False, copied=False,
+                 translate=False, packed=False):
         import svq
         self.svq_mod = svq
         self.chain, self.batch, self.shadow, self.notify, self.num = chain, batch, shadow, notify, num
@@ -481,7 +482,9 @@ class Copier:
         mem_size = ring_bytes + svq.page_align_up(self.nheads * 2048)
         self.mem = mem = svq.GuestMemory.anonymous([(self.GUEST_BASE, mem_size)])
         for r in mem.regions:
-            r.iova = r.gpa + self.IOVA_OFFSET
+            # As run and serve map guest memory: IOVA = GPA (translate=True:
+            # elsewhere, so that every buffer is translated).
+            r.iova = r.gpa + (self.IOVA_OFFSET if translate else 0)
         view = mem.view(self.GUEST_BASE, total)
         self.gring = svq.SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
         self.used_gpa = self.GUEST_BASE + uoff

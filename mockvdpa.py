@@ -105,7 +105,7 @@ class MockVhostVdpa:
 
     def get_backend_features(self):
         return (1 << svq.VHOST_BACKEND_F_IOTLB_MSG_V2) | (1 << svq.VHOST_BACKEND_F_IOTLB_BATCH) | \
-            (1 << svq.VHOST_BACKEND_F_SUSPEND)
+            (1 << svq.VHOST_BACKEND_F_SUSPEND) | (1 << svq.VHOST_BACKEND_F_RESUME)
 
     def set_backend_features(self, f):
         self.backend_features = f
@@ -180,6 +180,9 @@ class MockVhostVdpa:
 
     def set_vring_kick(self, vq, fd):
         self._vq(vq, "VHOST_SET_VRING_KICK")["kick"] = fd
+        if self.thread is not None:         # a running device polls the new fd from now on
+            self.stop_thread()
+            self.start_thread()
 
     def set_vring_call(self, vq, fd):
         self._vq(vq, "VHOST_SET_VRING_CALL")["call"] = fd
@@ -439,9 +442,12 @@ class MockVhostVdpa:
     def _run(self):
         sel = selectors.DefaultSelector()
         sel.register(self.stop_r, selectors.EVENT_READ, None)
+        kicks = {}                          # one fd may kick several queues
         for i, q in enumerate(self.vqs):
             if q["ready"] and q["kick"] >= 0:
-                sel.register(q["kick"], selectors.EVENT_READ, i)
+                kicks.setdefault(q["kick"], []).append(i)
+        for fd, vqs in kicks.items():
+            sel.register(fd, selectors.EVENT_READ, vqs)
         self.error = None
         try:
             while True:
@@ -457,9 +463,10 @@ class MockVhostVdpa:
                     except BlockingIOError:
                         pass
                     try:
-                        self.process(key.data)
-                        if self.kind == "net" and key.data == 0:
-                            self.process(1)
+                        for vq in key.data:
+                            self.process(vq)
+                            if self.kind == "net" and vq == 0:
+                                self.process(1)
                     except IOError as e:        # a device that sees a bad ring stops
                         self.error = str(e)
                         return

@@ -319,6 +319,13 @@ VRING_AVAIL_F_NO_INTERRUPT = 1
 VRING_USED_F_NO_NOTIFY = 1
 VRING_DESC_SIZE = 16
 VRING_USED_ELEM_SIZE = 8
+# Packed ring (virtio 1.1 section 2.8): flag bit numbers and event flags.
+VRING_PACKED_DESC_F_AVAIL = 7
+VRING_PACKED_DESC_F_USED = 15
+VRING_PACKED_EVENT_FLAG_ENABLE = 0x0
+VRING_PACKED_EVENT_FLAG_DISABLE = 0x1
+VRING_PACKED_EVENT_FLAG_DESC = 0x2
+VRING_PACKED_EVENT_F_WRAP_CTR = 15
 VIRTIO_NET_HDR_SIZE = 12          # struct virtio_net_hdr_v1 (VERSION_1)
 
 # Precompiled little-endian layouts: the hot path only calls these.
@@ -1006,8 +1013,10 @@ SVQ_BLK_FEATURES = ((1 << VIRTIO_BLK_F_SIZE_MAX) | (1 << VIRTIO_BLK_F_SEG_MAX)
 SVQ_TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
                           | (1 << VIRTIO_F_ANY_LAYOUT) | (1 << VIRTIO_RING_F_EVENT_IDX))
 # What the shadow offers its guest on top of the device: it flattens indirect
-# tables and implements event-index suppression itself.
-SVQ_GUEST_EXTRA_FEATURES = (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+# tables, implements event-index suppression itself, and carries a packed
+# guest ring to the device's split ring.
+SVQ_GUEST_EXTRA_FEATURES = ((1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_RING_F_EVENT_IDX)
+                            | (1 << VIRTIO_F_RING_PACKED))
 SVQ_BACKEND_FEATURES = ((1 << VHOST_BACKEND_F_IOTLB_MSG_V2) | (1 << VHOST_BACKEND_F_IOTLB_BATCH)
                         | (1 << VHOST_BACKEND_F_IOTLB_ASID) | (1 << VHOST_BACKEND_F_SUSPEND)
                         | (1 << VHOST_BACKEND_F_RESUME))
@@ -1421,6 +1430,839 @@ def ring_write(view, num, size, pos, raw):
 
 
 # ============================================================================
+# Packed ring memory (virtio 1.1 section 2.8)
+# ============================================================================
+
+class PackedRing:
+    """Views over one packed ring: the descriptor ring (both sides write it),
+    the driver event suppression area (the driver writes it) and the device
+    event suppression area (the device writes it).  A descriptor is 16 bytes:
+    addr, len, id, flags; flags and the event words go through 16-bit views,
+    one item one load or store, as in SplitRing."""
+
+    def __init__(self, num, desc, driver, device):
+        if not 1 <= num <= 32768:
+            raise SvqError("packed queue size %d is not in [1, 32768]" % num)
+        if len(desc) < VRING_DESC_SIZE * num or len(driver) < 4 or len(device) < 4:
+            raise SvqError("packed ring of %d entries does not fit its memory" % num)
+        if sys.byteorder != "little":
+            raise SvqError("virtio 1.x rings are little-endian; this host is not")
+        self.num = num
+        self.desc, self.driver, self.device = desc, driver, device
+        self.desc64 = desc.cast("Q")           # per descriptor: addr, then len|id<<32|flags<<48
+        self.desc32 = desc.cast("I")           # len at 4i+2
+        self.desc16 = desc.cast("H")           # id at 8i+6, flags at 8i+7
+        self.driver16 = driver.cast("H")       # off_wrap, flags
+        self.device16 = device.cast("H")
+
+    def release(self):
+        for view in (self.desc64, self.desc32, self.desc16, self.driver16, self.device16,
+                     self.desc, self.driver, self.device):
+            view.release()
+
+    @staticmethod
+    def layout(num):
+        """(total, desc_off, driver_off, device_off): the ring, then both event
+        areas in the page after it."""
+        driver_off = page_align_up(VRING_DESC_SIZE * num)
+        return driver_off + PAGE_SIZE, 0, driver_off, driver_off + 4
+
+
+def packed_need_event(off_wrap, new, wrap, count, num):
+    """Does a peer whose event suppression word is `off_wrap` (offset, wrap
+    counter in bit 15) want to hear of `count` descriptors made available
+    (or used) up to position `new` with wrap counter `wrap`?  The event
+    offset is put on the same line as new and old: an offset of the
+    previous lap (its wrap counter differs) counts num less (as Linux's
+    virtqueue_kick_prepare_packed does)."""
+    event = off_wrap & 0x7fff
+    if off_wrap >> VRING_PACKED_EVENT_F_WRAP_CTR != wrap:
+        event -= num
+    return vring_need_event(event & 0xffff, new & 0xffff, (new - count) & 0xffff)
+
+
+# ============================================================================
+# Driver rings: svq.py as the driver of a split or packed ring
+# ============================================================================
+#
+# The same driver code serves the built-in driver (its rings in guest
+# memory) and the device side of the shadow virtqueue (the shadow ring the
+# vDPA device reads).  add() queues a chain of (address, length, writable)
+# buffers with a token, kick() publishes and notifies unless the device
+# suppressed it, get_used() returns (token, length) in the order the device
+# completed them.
+
+class SplitDriver:
+    """The driver side of a split ring.  Descriptors come from a private free
+    list, as in a guest kernel's virtio_ring, or, with `fixed`, from where the
+    caller says (add(..., at=)): each buffer then keeps its descriptors and
+    the table does not change from one request to the next, as with DPDK's
+    virtio PMD.  `indirect` is (view, address, entries per chain) of an
+    indirect table area: chains of 2..entries buffers then take one
+    descriptor."""
+
+    def __init__(self, index, ring, event_idx, kick_fd, call_fd, base=0, fixed=False,
+                 indirect=None, side="driver"):
+        self.index, self.ring, self.num = index, ring, ring.num
+        self.event_idx, self.fixed, self.side = event_idx, fixed, side
+        self.indirect = indirect
+        self.kick_fd, self.call_fd = kick_fd, call_fd
+        num = self.num
+        self.free_head, self.num_free = 0, num
+        self.desc_next = list(range(1, num)) + [0]
+        self.chain_len = [0] * num      # descriptors per head in flight
+        self.chain_last = [0] * num     # the last of them (to splice the chain back)
+        self.tokens = [None] * num
+        # Rings start at index `base` (0 normally): both indexes are written
+        # before the device starts, as SET_VRING_BASE tells it.
+        self.avail_idx = self.kicked_idx = self.last_used_idx = base & 0xffff
+        ring.avail16[0] = 0
+        ring.avail16[1] = self.avail_idx
+        ring.used16[1] = self.last_used_idx
+        ring.avail16[ring.used_event_i] = self.last_used_idx
+        ring.used16[ring.avail_event_i] = self.avail_idx
+        self.kicks = 0
+        self.in_flight = 0
+
+    def add_heads(self, raw):
+        """Make available chains whose descriptors the caller wrote itself at
+        the slots named in `raw` (16-bit heads): the mirrored layout."""
+        ring_write(self.ring.avail, self.num, 2, self.avail_idx, raw)
+        n = len(raw) // 2
+        self.avail_idx = (self.avail_idx + n) & 0xffff
+        self.in_flight += n
+
+    def take_used(self, count):
+        """A private copy of the next `count` used entries (the caller checks
+        them), consumed: the mirrored layout."""
+        raw = ring_read(self.ring.used, self.num, 8, self.last_used_idx, count)
+        self.last_used_idx = (self.last_used_idx + count) & 0xffff
+        self.in_flight -= count
+        return raw
+
+    def add(self, bufs, token, at=None):
+        """Queue one chain of (address, length, writable) buffers; False if it
+        does not fit now.  A fixed queue puts it at descriptors at, at+1, ...
+        (False while the chain there is still in flight)."""
+        n = len(bufs)
+        ind = self.indirect
+        use_indirect = ind is not None and 1 < n <= ind[2]
+        need = 1 if use_indirect else n
+        if need > self.num_free:
+            return False
+        if self.fixed:
+            if at is None or at + need > self.num:
+                raise SvqError("fixed driver queue: chain of %d at %r" % (need, at))
+            if self.tokens[at] is not None:
+                return False
+            head = at
+        else:
+            head = self.free_head
+        desc_next = self.desc_next
+        if use_indirect:
+            view, addr, per = ind
+            base = head * per * 16
+            for i, (gpa, length, write) in enumerate(bufs):
+                flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
+                _DESC.pack_into(view, base + i * 16, gpa, length, flags, i + 1)
+            _DESC.pack_into(self.ring.desc, head * 16, addr + base, n * 16, VRING_DESC_F_INDIRECT, 0)
+            last = head
+            slot = desc_next[head]
+        else:
+            # Two 64-bit stores per descriptor, as a kernel driver's field
+            # stores: rewriting a descriptor with the values it holds changes
+            # nothing a reader can see (pack_into would zero it first).
+            desc64 = self.ring.desc64
+            fixed = self.fixed
+            slot = last = head
+            k = 1
+            for gpa, length, write in bufs:
+                nxt = slot + 1 if fixed else desc_next[slot]
+                desc64[2 * slot] = gpa
+                if k < n:
+                    desc64[2 * slot + 1] = (length | (VRING_DESC_F_WRITE if write else 0) << 32
+                                            | VRING_DESC_F_NEXT << 32 | nxt << 48)
+                else:
+                    desc64[2 * slot + 1] = (length | (VRING_DESC_F_WRITE if write else 0) << 32
+                                            | (0 if fixed else nxt) << 48)
+                last, slot = slot, nxt
+                k += 1
+        if not self.fixed:
+            self.free_head = slot
+        self.num_free -= need
+        self.chain_len[head] = need
+        self.chain_last[head] = last
+        self.tokens[head] = token
+        self.in_flight += 1
+        self.ring.avail16[2 + (self.avail_idx & (self.num - 1))] = head
+        self.avail_idx = (self.avail_idx + 1) & 0xffff
+        return True
+
+    def publish(self):
+        """Make the chains added so far visible; returns the previous index."""
+        old, self.kicked_idx = self.kicked_idx, self.avail_idx
+        # Write barrier: descriptors and ring entries before the avail index.
+        smp_wmb()
+        self.ring.avail16[1] = self.avail_idx
+        return old
+
+    def notify(self, old):
+        """Kick the device for the entries published since `old` unless it
+        asked not to be (NO_NOTIFY/avail_event).  The caller has published
+        them and issued a full barrier after: else a stale suppression flag
+        could skip a needed kick."""
+        ring = self.ring
+        if vring_wants_notify(ring.used16, self.event_idx, ring.avail_event_i,
+                              VRING_USED_F_NO_NOTIFY, self.avail_idx, old):
+            os.write(self.kick_fd, _EVENTFD_ONE)
+            self.kicks += 1
+            return True
+        return False
+
+    def kick(self):
+        """Publish new avail entries and notify the device if it wants it."""
+        if self.avail_idx == self.kicked_idx:
+            return False
+        old = self.publish()
+        # Full barrier: avail index store before reading NO_NOTIFY/avail_event.
+        smp_mb()
+        return self.notify(old)
+
+    def used_pending(self):
+        return (self.ring.used16[1] - self.last_used_idx) & 0xffff
+
+    def get_used(self):
+        """(token, len) of the next used entry, or None.  A used id that is not
+        in flight is a RingError: nothing the device writes is trusted."""
+        idx = self.last_used_idx
+        if idx == self.ring.used16[1]:
+            return None
+        # Read barrier: used index before the entry.
+        smp_rmb()
+        head, length = _USED_ELEM.unpack_from(self.ring.used, 4 + (idx & (self.num - 1)) * 8)
+        token = self.tokens[head] if head < self.num else None
+        if token is None:
+            raise RingError(self.side, self.index, idx, "used id %d was never made available" % head)
+        self.tokens[head] = None
+        if not self.fixed:
+            # Return the chain to the free list in one splice.
+            self.desc_next[self.chain_last[head]] = self.free_head
+            self.free_head = head
+        self.num_free += self.chain_len[head]
+        self.in_flight -= 1
+        self.last_used_idx = (idx + 1) & 0xffff
+        return token, length
+
+    def used_batch(self):
+        """Every used entry the device has published: [(token, len)], each
+        checked as in get_used(), its chain back on the free list."""
+        ring, num, tokens = self.ring, self.num, self.tokens
+        idx, end = self.last_used_idx, ring.used16[1]
+        if idx == end:
+            return ()
+        # Read barrier: used index before the entries.
+        smp_rmb()
+        count = (end - idx) & 0xffff
+        if count > self.in_flight:
+            raise RingError(self.side, self.index, end, "used index moved by %d with %d requests "
+                            "in flight" % (count, self.in_flight))
+        unpack, used, mask = _USED_ELEM.unpack_from, ring.used, num - 1
+        desc_next, chain_last, chain_len = self.desc_next, self.chain_last, self.chain_len
+        fixed = self.fixed
+        out = []
+        free_head, num_free = self.free_head, self.num_free
+        try:
+            while idx != end:
+                head, length = unpack(used, 4 + ((idx & mask) << 3))
+                token = tokens[head] if head < num else None
+                if token is None:
+                    raise RingError(self.side, self.index, idx,
+                                    "used id %d was never made available" % head)
+                tokens[head] = None
+                if not fixed:
+                    desc_next[chain_last[head]] = free_head
+                    free_head = head
+                num_free += chain_len[head]
+                out.append((token, length))
+                idx = (idx + 1) & 0xffff
+        finally:
+            self.free_head, self.num_free = free_head, num_free
+            self.in_flight -= len(out)
+            self.last_used_idx = idx
+        return out
+
+    def disable_cb(self):
+        if not self.event_idx:
+            self.ring.avail16[0] = VRING_AVAIL_F_NO_INTERRUPT
+
+    def enable_cb(self):
+        """Ask for a call on the next used entry; True if none is pending."""
+        if self.event_idx:
+            self.ring.avail16[self.ring.used_event_i] = self.last_used_idx
+        else:
+            self.ring.avail16[0] = 0
+        # Full barrier: the suppression store before re-reading the used index.
+        smp_mb()
+        return self.last_used_idx == self.ring.used16[1]
+
+    def reset_free_list(self):
+        """A fresh free list (nothing in flight): after the mirrored layout."""
+        self.desc_next[:] = list(range(1, self.num)) + [0]
+        self.free_head, self.num_free = 0, self.num
+
+    def release(self):
+        """Let go of the ring's memory (before it is unmapped)."""
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
+        if self.indirect is not None:
+            self.indirect[0].release()
+            self.indirect = None
+
+
+class PackedDriver:
+    """The driver side of a packed ring (the built-in driver's --packed).
+    Each chain takes consecutive descriptors in ring order and a buffer id
+    from a private list; its first descriptor is made available last, after
+    a write barrier, so the device never sees half a chain."""
+
+    def __init__(self, index, ring, event_idx, kick_fd, call_fd, base=None, indirect=None,
+                 side="driver"):
+        self.index, self.ring, self.num = index, ring, ring.num
+        self.event_idx, self.side = event_idx, side
+        self.indirect = indirect
+        self.kick_fd, self.call_fd = kick_fd, call_fd
+        num = self.num
+        # Position and wrap counter of the next descriptor to make available
+        # and of the next used one; both counters start at 1 (spec 2.8.1).
+        self.next_avail, self.avail_wrap = 0, 1
+        self.next_used, self.used_wrap = 0, 1
+        if base is not None:
+            self.next_avail, self.avail_wrap = base & 0x7fff, base >> 15 & 1
+            self.next_used, self.used_wrap = base >> 16 & 0x7fff, base >> 31 & 1
+        self.num_free = num
+        self.free_ids = list(range(num - 1, -1, -1))
+        self.tokens = [None] * num
+        self.chain_len = [0] * num
+        self.added = 0                  # descriptors made available since the last kick
+        self.kicks = 0
+        self.in_flight = 0
+        ring.driver16[0] = ring.driver16[1] = 0
+        self.fixed = False
+
+    def state(self):
+        """The ring state as VHOST_(GET|SET)_VRING_BASE carry it for packed rings."""
+        return (self.next_avail | self.avail_wrap << 15 | self.next_used << 16
+                | self.used_wrap << 31)
+
+    def add(self, bufs, token, at=None):
+        n = len(bufs)
+        ind = self.indirect
+        use_indirect = ind is not None and 1 < n <= ind[2]
+        need = 1 if use_indirect else n
+        if need > self.num_free or not self.free_ids:
+            return False
+        bid = self.free_ids.pop()
+        ring, num = self.ring, self.num
+        d64, d16 = ring.desc64, ring.desc16
+        pos, wrap = self.next_avail, self.avail_wrap
+        first, first_flags = pos, 0
+        if use_indirect:
+            view, addr, per = ind
+            base = bid * per * 16
+            for i, (gpa, length, write) in enumerate(bufs):
+                _DESC.pack_into(view, base + i * 16, gpa, length, 0,
+                                VRING_DESC_F_WRITE if write else 0)   # pvirtq_desc: id, flags
+            bufs = [(addr + base, n * 16, VRING_DESC_F_INDIRECT)]
+        else:
+            bufs = [(gpa, length, VRING_DESC_F_WRITE if write else 0) for gpa, length, write in bufs]
+        d32 = ring.desc32
+        k = 0
+        for gpa, length, flags in bufs:
+            k += 1
+            f = (flags | (VRING_DESC_F_NEXT if k < len(bufs) else 0)
+                 | (wrap << VRING_PACKED_DESC_F_AVAIL) | ((wrap ^ 1) << VRING_PACKED_DESC_F_USED))
+            d64[2 * pos] = gpa
+            if pos == first:
+                first_flags = f                 # its flags are stored last, below
+                d32[4 * pos + 2] = length
+                d16[8 * pos + 6] = bid
+            else:
+                d64[2 * pos + 1] = length | bid << 32 | f << 48
+            pos += 1
+            if pos == num:
+                pos, wrap = 0, wrap ^ 1
+        # Write barrier: the chain's other descriptors before its first flags.
+        smp_wmb()
+        d16[8 * first + 7] = first_flags
+        self.next_avail, self.avail_wrap = pos, wrap
+        self.num_free -= need
+        self.tokens[bid] = token
+        self.chain_len[bid] = need
+        self.added += need
+        self.in_flight += 1
+        return True
+
+    def kick(self):
+        if not self.added:
+            return False
+        count, self.added = self.added, 0
+        # Full barrier: the flags stores before reading the device's event area.
+        smp_mb()
+        dev = self.ring.device16
+        flags = dev[1] & 3
+        if flags == VRING_PACKED_EVENT_FLAG_DESC and self.event_idx:
+            need = packed_need_event(dev[0], self.next_avail, self.avail_wrap, count, self.num)
+        else:
+            need = flags != VRING_PACKED_EVENT_FLAG_DISABLE
+        if need:
+            os.write(self.kick_fd, _EVENTFD_ONE)
+            self.kicks += 1
+        return need
+
+    def _used_here(self):
+        f = self.ring.desc16[8 * self.next_used + 7]
+        w = self.used_wrap
+        return (f >> VRING_PACKED_DESC_F_USED & 1) == w and (f >> VRING_PACKED_DESC_F_AVAIL & 1) == w
+
+    def get_used(self):
+        if not self._used_here():
+            return None
+        # Read barrier: the flags before the id and length.
+        smp_rmb()
+        pos = self.next_used
+        bid = self.ring.desc16[8 * pos + 6]
+        length = self.ring.desc32[4 * pos + 2]
+        token = self.tokens[bid] if bid < self.num else None
+        if token is None:
+            raise RingError(self.side, self.index, pos, "used buffer id %d is not in flight" % bid)
+        self.tokens[bid] = None
+        n = self.chain_len[bid]
+        pos += n
+        if pos >= self.num:
+            pos -= self.num
+            self.used_wrap ^= 1
+        self.next_used = pos
+        self.num_free += n
+        self.free_ids.append(bid)
+        self.in_flight -= 1
+        return token, length
+
+    def disable_cb(self):
+        self.ring.driver16[1] = VRING_PACKED_EVENT_FLAG_DISABLE
+
+    def enable_cb(self):
+        drv = self.ring.driver16
+        if self.event_idx:
+            drv[0] = self.next_used | self.used_wrap << VRING_PACKED_EVENT_F_WRAP_CTR
+            drv[1] = VRING_PACKED_EVENT_FLAG_DESC
+        else:
+            drv[1] = VRING_PACKED_EVENT_FLAG_ENABLE
+        smp_mb()
+        return not self._used_here()
+
+    def release(self):
+        if self.ring is not None:
+            self.ring.release()
+            self.ring = None
+        if self.indirect is not None:
+            self.indirect[0].release()
+            self.indirect = None
+
+
+def driver_queue(index, mem, num, ring_gpa, features, kick_fd, call_fd, indirect_gpa=None,
+                 indirect_max=0, base=0, fixed=False):
+    """A driver ring in guest memory at `ring_gpa`, zeroed, split or (with
+    VIRTIO_F_RING_PACKED in `features`) packed: the built-in driver's.  Its
+    addresses are in .desc_gpa, .avail_gpa (the driver area) and .used_gpa
+    (the device area)."""
+    packed = bool(features >> VIRTIO_F_RING_PACKED & 1)
+    layout = PackedRing.layout(num) if packed else SplitRing.layout(num)
+    total, doff, aoff, uoff = layout
+    view = mem.view(ring_gpa, total)
+    if view is None:
+        raise SvqError("driver ring vq %d outside guest memory" % index)
+    view[:] = bytes(total)
+    event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+    indirect = None
+    if features >> VIRTIO_RING_F_INDIRECT_DESC & 1 and indirect_gpa is not None and indirect_max > 1:
+        ind_view = mem.view(indirect_gpa, num * indirect_max * 16)
+        indirect = (ind_view, indirect_gpa, indirect_max)
+    if packed:
+        ring = PackedRing(num, view[doff:aoff], view[aoff:aoff + 4], view[uoff:uoff + 4])
+        q = PackedDriver(index, ring, event_idx, kick_fd, call_fd,
+                         base=None if not base else base, indirect=indirect)
+    else:
+        ring = SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
+        q = SplitDriver(index, ring, event_idx, kick_fd, call_fd, base=base, fixed=fixed,
+                        indirect=indirect)
+    view.release()
+    q.packed = packed
+    q.desc_gpa, q.avail_gpa, q.used_gpa = ring_gpa + doff, ring_gpa + aoff, ring_gpa + uoff
+    return q
+
+
+# Kept for the tests' and the benchmark's frontends: a split driver ring in
+# guest memory.
+def DriverVirtqueue(index, mem, num, ring_gpa, features, kick_fd, call_fd, indirect_gpa=None,
+                    indirect_max=0, base=0, fixed=False):
+    return driver_queue(index, mem, num, ring_gpa, features & ~(1 << VIRTIO_F_RING_PACKED),
+                        kick_fd, call_fd, indirect_gpa, indirect_max, base, fixed)
+
+
+# ============================================================================
+# Guest rings: svq.py as the device of a guest's split or packed ring
+# ============================================================================
+#
+# The guest side of a shadow virtqueue, behind one interface:
+#   pop()            the next available chain: (id, [(gpa, len, writable)], ndescs),
+#                    every virtio rule about its shape checked, indirect
+#                    tables flattened; None when nothing is available
+#   push(id, len, ndescs) a used entry, not visible yet; publish() makes the
+#                    pushed entries visible; wants_call(mark) after it
+#   disable_kicks(), arm_kicks() (the caller then issues a full barrier and
+#                    asks has_avail() again)
+#   avail_state()    where the next pop() reads, to restart from (rewind)
+# Everything is read from the shared ring once, into locals, then checked:
+# nothing the guest can rewrite after the check is used.
+
+class SplitGuest:
+    """The guest's split ring, as its device sees it."""
+
+    packed = False
+
+    def __init__(self, svq, ring, features, last_avail_idx, used_idx):
+        self.svq, self.ring, self.num = svq, ring, ring.num
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        self.last_avail_idx = last_avail_idx & 0xffff
+        self.avail_seen = self.last_avail_idx       # the avail index last read
+        self.used_idx = used_idx & 0xffff
+        self.published = self.used_idx
+        self.signalled = self.used_idx              # used index at the last call decision
+        self.log_gpa = None                         # GPA the used ring's writes are logged at
+
+    def avail_state(self):
+        return self.last_avail_idx
+
+    def set_avail_state(self, state):
+        self.last_avail_idx = self.avail_seen = state & 0xffff
+
+    def restart_base(self):
+        """VHOST_USER_GET_VRING_BASE: the next avail index."""
+        return self.last_avail_idx
+
+    def read_avail(self):
+        """Read the guest's avail index (and check it); how many are pending."""
+        idx = self.ring.avail16[1]
+        # Read barrier: the avail index before the ring entries it covers.
+        smp_rmb()
+        pending = (idx - self.last_avail_idx) & 0xffff
+        if pending > self.num:
+            self.svq._fail("guest", idx, "avail index jumped by %d (queue size %d)"
+                           % (pending, self.num))
+        self.avail_seen = idx
+        return pending
+
+    def has_avail(self):
+        return self.ring.avail16[1] != self.last_avail_idx
+
+    def pop(self):
+        if self.last_avail_idx == self.avail_seen and not self.read_avail():
+            return None
+        head = self.ring.avail16[2 + (self.last_avail_idx & (self.num - 1))]
+        if head >= self.num:
+            self.svq._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
+        bufs = self.chain(head)
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
+        return head, bufs, 1
+
+    def chain(self, head):
+        """The chain at `head` as [(gpa, len, writable)], its indirect table
+        flattened."""
+        fail, idx = self.svq._fail, self.last_avail_idx
+        table, table_n = self.ring.desc, self.num
+        unpack = _DESC.unpack_from
+        bufs = []
+        append = bufs.append
+        i = head
+        hops = 0
+        limit = min(table_n, VIRTQUEUE_MAX_SIZE)   # a longer chain loops, or is too long
+        seen_write = indirect = False
+        while True:
+            if i >= table_n:
+                fail("guest", idx, "descriptor index %d out of range (head %d)" % (i, head))
+            addr, length, flags, nxt = unpack(table, i << 4)
+            hops += 1
+            if hops > limit:
+                fail("guest", idx, "descriptor chain from head %d loops or is longer than %d"
+                     % (head, limit))
+            if flags & VRING_DESC_F_INDIRECT:
+                if indirect or not self.indirect or flags & VRING_DESC_F_NEXT:
+                    fail("guest", idx, "indirect descriptor %s (head %d)" % (
+                        "nested" if indirect else "with NEXT" if self.indirect
+                        else "not negotiated", head))
+                table, table_n = self.svq.indirect_table(addr, length, head)
+                i, hops, indirect = 0, 0, True
+                limit = table_n
+                continue
+            write = flags & VRING_DESC_F_WRITE
+            if write:
+                seen_write = True
+            elif seen_write:
+                fail("guest", idx, "device-readable descriptor after a writable one (head %d)" % head)
+            append((addr, length, write))
+            if not flags & VRING_DESC_F_NEXT:
+                return bufs
+            i = nxt
+
+    # -- used side --
+    def push(self, head, length, ndescs=1):
+        _USED_ELEM.pack_into(self.ring.used, 4 + ((self.used_idx & (self.num - 1)) << 3),
+                             head, length)
+        self.used_idx = (self.used_idx + 1) & 0xffff
+
+    def push_raw(self, raw):
+        """Used entries as the device wrote them (the mirrored layout)."""
+        ring_write(self.ring.used, self.num, 8, self.used_idx, raw)
+        self.used_idx = (self.used_idx + len(raw) // 8) & 0xffff
+
+    def publish(self):
+        """Make the pushed entries visible (and log them); False if there were
+        none."""
+        first = self.published
+        if first == self.used_idx:
+            return False
+        # Write barrier: used entries (and the buffers copied back) before
+        # the used index the guest polls.
+        smp_wmb()
+        self.ring.used16[1] = self.used_idx
+        self.published = self.used_idx
+        if self.log_gpa is not None:
+            self._log_used(first, (self.used_idx - first) & 0xffff)
+        return True
+
+    def _log_used(self, first, count):
+        """Log the used-ring entries [first, first+count) and the index."""
+        base, num, mark = self.log_gpa, self.num, self.svq.log.mark
+        start = first & (num - 1)
+        n = min(count, num - start)
+        mark(base + 4 + start * 8, n * 8)
+        if count > n:
+            mark(base + 4, min(count - n, num) * 8)
+        mark(base + 2, 2)
+
+    def wants_call(self):
+        """After publish() and a full barrier: does the guest want a call for
+        the entries published since the last decision (NO_INTERRUPT,
+        used_event)?  As vhost's signalled_used, `old` moves on either way."""
+        old, self.signalled = self.signalled, self.used_idx
+        return vring_wants_notify(self.ring.avail16, self.event_idx, self.ring.used_event_i,
+                                  VRING_AVAIL_F_NO_INTERRUPT, self.used_idx, old)
+
+    # -- kick suppression towards the guest --
+    def _store_used16(self, word, value):
+        self.ring.used16[word] = value
+        if self.log_gpa is not None:
+            self.svq.log.mark(self.log_gpa + 2 * word, 2)
+
+    def disable_kicks(self):
+        if not self.event_idx:
+            self._store_used16(0, VRING_USED_F_NO_NOTIFY)
+
+    def arm_kicks(self):
+        """Re-arm guest kicks (the caller issues the full barrier before it
+        looks for avail entries again)."""
+        if self.event_idx:
+            self._store_used16(self.ring.avail_event_i, self.last_avail_idx)
+        else:
+            self._store_used16(0, 0)
+
+    def start(self):
+        """The ring's first writes: kicks on, avail_event at the start."""
+        self._store_used16(0, 0)
+        self._store_used16(self.ring.avail_event_i, self.last_avail_idx)
+
+
+class PackedGuest:
+    """The guest's packed ring, as its device sees it: available descriptors
+    are read in ring order (AVAIL == the wrap counter, USED != it), used
+    descriptors written in completion order, each advancing the used
+    position by the number of descriptors its chain took."""
+
+    packed = True
+
+    def __init__(self, svq, ring, features, state, gpas):
+        self.svq, self.ring, self.num = svq, ring, ring.num
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        # state: VHOST_SET_VRING_BASE's packed encoding (None: a fresh ring):
+        # avail position and wrap counter in bits 0-15, used ones in 16-31.
+        # QEMU sends both; DPDK's virtio-user sends the avail half only, the
+        # used half being the same at any clean stop (everything taken was
+        # used), as DPDK's vhost library reads it too.
+        if state is None:
+            state = 1 << 15 | 1 << 31
+        elif not state >> 16:
+            state |= state << 16
+        self.last_avail, self.avail_wrap = state & 0x7fff, state >> 15 & 1
+        self.used_pos, self.used_wrap = state >> 16 & 0x7fff, state >> 31 & 1
+        if self.last_avail >= self.num or self.used_pos >= self.num:
+            raise SvqError("packed ring state %#x outside a ring of %d" % (state, self.num))
+        self.desc_gpa, self.device_gpa = gpas          # for the log
+        self.log_ring = False
+        self.ids = bytearray(self.num)                 # 1: buffer id in flight
+        self.pending = []                              # (position, flags) pushed, not published
+        self.advanced = 0                              # descriptors used since the last call decision
+
+    def avail_state(self):
+        return self.last_avail | self.avail_wrap << 15
+
+    def set_avail_state(self, state):
+        self.last_avail, self.avail_wrap = state & 0x7fff, state >> 15 & 1
+
+    def restart_base(self):
+        return (self.last_avail | self.avail_wrap << 15 | self.used_pos << 16
+                | self.used_wrap << 31)
+
+    def _avail_at(self, pos, wrap):
+        f = self.ring.desc16[8 * pos + 7]
+        return (f >> VRING_PACKED_DESC_F_AVAIL & 1) == wrap and (f >> VRING_PACKED_DESC_F_USED & 1) != wrap
+
+    def has_avail(self):
+        return self._avail_at(self.last_avail, self.avail_wrap)
+
+    def pop(self):
+        pos, wrap, num = self.last_avail, self.avail_wrap, self.num
+        if not self._avail_at(pos, wrap):
+            return None
+        # Read barrier: the first descriptor's flags before the chain.
+        smp_rmb()
+        fail = self.svq._fail
+        d64, d32, d16 = self.ring.desc64, self.ring.desc32, self.ring.desc16
+        bufs = []
+        n = 0
+        seen_write = False
+        while True:
+            flags = d16[8 * pos + 7]
+            if n and not ((flags >> VRING_PACKED_DESC_F_AVAIL & 1) == wrap
+                          and (flags >> VRING_PACKED_DESC_F_USED & 1) != wrap):
+                fail("guest", self.last_avail, "descriptor %d of a chain is not available "
+                     "(wrap counter %d)" % (pos, wrap))
+            addr, length, bid = d64[2 * pos], d32[4 * pos + 2], d16[8 * pos + 6]
+            n += 1
+            if flags & VRING_DESC_F_INDIRECT:
+                if n > 1 or flags & VRING_DESC_F_NEXT or not self.indirect:
+                    fail("guest", self.last_avail, "indirect descriptor %s at %d" % (
+                        "not negotiated" if not self.indirect else "in a chain", pos))
+                bufs = self._indirect(addr, length, pos)
+            else:
+                write = flags & VRING_DESC_F_WRITE
+                if write:
+                    seen_write = True
+                elif seen_write:
+                    fail("guest", self.last_avail,
+                         "device-readable descriptor after a writable one at %d" % pos)
+                bufs.append((addr, length, write))
+            pos += 1
+            if pos == num:
+                pos, wrap = 0, wrap ^ 1
+            if not flags & VRING_DESC_F_NEXT:
+                break
+            if n >= num:
+                fail("guest", self.last_avail, "chain of more descriptors than the ring has")
+        if bid >= num:
+            fail("guest", self.last_avail, "buffer id %d out of range" % bid)
+        if self.ids[bid]:
+            fail("guest", self.last_avail, "buffer id %d is already in flight" % bid)
+        self.ids[bid] = 1
+        self.last_avail, self.avail_wrap = pos, wrap
+        return bid, bufs, n
+
+    def _indirect(self, addr, length, pos):
+        table, n = self.svq.indirect_table(addr, length, pos)
+        bufs = []
+        seen_write = False
+        unpack = _DESC.unpack_from
+        for i in range(n):
+            a, ln, _bid, flags = unpack(table, i << 4)      # pvirtq_desc: addr, len, id, flags
+            write = flags & VRING_DESC_F_WRITE              # the only valid flag there
+            if write:
+                seen_write = True
+            elif seen_write:
+                self.svq._fail("guest", self.last_avail,
+                               "device-readable indirect entry after a writable one at %d" % pos)
+            bufs.append((a, ln, write))
+        return bufs
+
+    # -- used side --
+    def push(self, bid, length, ndescs):
+        pos = self.used_pos
+        self.ring.desc32[4 * pos + 2] = length
+        self.ring.desc16[8 * pos + 6] = bid
+        w = self.used_wrap
+        self.pending.append((pos, (w << VRING_PACKED_DESC_F_AVAIL) | (w << VRING_PACKED_DESC_F_USED)
+                             | (VRING_DESC_F_WRITE if length else 0)))
+        self.ids[bid] = 0
+        pos += ndescs
+        if pos >= self.num:
+            pos -= self.num
+            self.used_wrap ^= 1
+        self.used_pos = pos
+        self.advanced += ndescs
+
+    def publish(self):
+        p = self.pending
+        if not p:
+            return False
+        d16 = self.ring.desc16
+        # Write barrier: ids and lengths before the flags; the first entry's
+        # flags last (after another barrier), so the driver sees the batch
+        # whole, as QEMU's virtqueue_packed_flush does.
+        smp_wmb()
+        for pos, flags in p[1:]:
+            d16[8 * pos + 7] = flags
+        if len(p) > 1:
+            smp_wmb()
+        d16[8 * p[0][0] + 7] = p[0][1]
+        if self.log_ring:
+            for pos, _ in p:
+                self.svq.log.mark(self.desc_gpa + 16 * pos, 16)
+        self.pending = []
+        return True
+
+    def wants_call(self):
+        """After publish() and a full barrier: does the guest want a call for
+        the descriptors used since the last decision (its driver event
+        suppression)?"""
+        count, self.advanced = self.advanced, 0
+        drv = self.ring.driver16
+        flags = drv[1] & 3
+        if flags == VRING_PACKED_EVENT_FLAG_DESC and self.event_idx:
+            return packed_need_event(drv[0], self.used_pos, self.used_wrap, count, self.num)
+        return flags != VRING_PACKED_EVENT_FLAG_DISABLE
+
+    # -- kick suppression towards the guest --
+    def _store_device16(self, word, value):
+        self.ring.device16[word] = value
+        if self.log_ring:
+            self.svq.log.mark(self.device_gpa + 2 * word, 2)
+
+    def disable_kicks(self):
+        self._store_device16(1, VRING_PACKED_EVENT_FLAG_DISABLE)
+
+    def arm_kicks(self):
+        if self.event_idx:
+            self._store_device16(0, self.last_avail | self.avail_wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
+            self._store_device16(1, VRING_PACKED_EVENT_FLAG_DESC)
+        else:
+            self._store_device16(1, VRING_PACKED_EVENT_FLAG_ENABLE)
+
+    def start(self):
+        self.arm_kicks()
+
+
+# ============================================================================
 # Shadow virtqueue
 # ============================================================================
 
@@ -1470,29 +2312,32 @@ INTERNAL = -2                   # desc_state of a request svq.py made itself
 class ShadowVirtqueue:
     """QEMU's VhostShadowVirtqueue, in Python.
 
-    Guest side: the guest's split ring in guest memory; svq.py plays the device
-    for it (reads avail, writes used, notifies through guest_call_fd).
-    Device side: a shadow split ring in svq.py's own shared memory, mapped into
-    the device's IOVA space; svq.py plays the driver for it.  The shadow ring
-    may be larger than the guest's.
+    Guest side: the guest's ring, split or packed (SplitGuest, PackedGuest):
+    svq.py plays the device for it (pops chains, pushes used entries,
+    notifies through guest_call_fd).  Device side: a shadow split ring in
+    svq.py's own shared memory, mapped into the device's IOVA space, driven
+    by a SplitDriver, the same code that drives the built-in driver's rings.
+    The shadow ring may be larger than the guest's.  A packed guest ring is
+    bridged to the split shadow ring: the device needs no packed ring.
 
     Two layouts for the shadow descriptor table:
 
-    - mirrored (the default): shadow slot i holds guest descriptor i,
-      translated, with the guest's own `next`, so a shadow head is the guest
-      head and a used entry goes back to the guest as the device wrote it.
-      The shadow slots are built from a private copy of the guest table
-      (`_snap`).  While the guest table still equals that copy, a chain posted
-      again is already validated and translated: forwarding it only claims its
-      descriptors and copies its head.  Drivers that keep their buffers at
-      fixed descriptors (DPDK, svq.py's own driver) pay one comparison of the
-      table per batch; a driver that rewrites its table pays a walk per chain.
-    - copied (QEMU's layout): chains are copied into shadow descriptors taken
-      from a private free list.  Needed when a chain cannot be mirrored: an
-      indirect table (flattened), a buffer split across memory regions, a
-      chain too long for the shadow ring (its buffers bounced), or a request
-      svq.py injects itself.  The queue moves to it for good, once no request
-      is in flight.
+    - mirrored (the default, split guests): shadow slot i holds guest
+      descriptor i, translated, with the guest's own `next`, so a shadow
+      head is the guest head and a used entry goes back to the guest as the
+      device wrote it.  The shadow slots are built from a private copy of the
+      guest table (`_snap`).  While the guest table still equals that copy, a
+      chain posted again is already validated and translated: forwarding it
+      only claims its descriptors and copies its head.  Drivers that keep
+      their buffers at fixed descriptors (DPDK, svq.py's own driver) pay one
+      comparison of the table per batch; a driver that rewrites its table
+      pays a walk per chain.
+    - copied (QEMU's layout; packed guests always): each guest chain is
+      popped, translated and added to the shadow ring from its free list.
+      Needed when a chain cannot be mirrored: an indirect table (flattened),
+      a buffer split across memory regions, a chain too long for the shadow
+      ring (its buffers bounced), or a request svq.py injects itself.  The
+      queue moves to it for good, once no request is in flight.
 
     A chain of more than `max_chain` descriptors (half the shadow ring) is
     bounced: its readable bytes are copied into one buffer of a BouncePool and
@@ -1501,9 +2346,10 @@ class ShadowVirtqueue:
     such chains (indirect tables of seg_max + 2 entries, more than its queue
     size), and a guest may.
 
-    Everything needed to complete a chain is kept privately: nothing read back
-    from shared memory (the device's or the guest's) is trusted as an index or
-    a length.
+    Everything needed to complete a chain is kept privately (the shadow
+    ring's token per request, or the mirrored chain): nothing read back from
+    shared memory (the device's or the guest's) is trusted as an index or a
+    length.
 
     Dirty log: every page of every writable buffer of a completed chain is
     logged, whatever the used length says.  The virtio spec lets a device
@@ -1518,130 +2364,100 @@ class ShadowVirtqueue:
                  guest_features, device_features, guest_kick_fd, guest_call_fd,
                  device_kick_fd, device_call_fd, log=None, log_used_gpa=None,
                  guest_used_idx=0, last_avail_idx=0, shadow_base=0, stats=None,
-                 mirror=True, bounce=None, max_chain=None):
+                 mirror=True, bounce=None, max_chain=None, guest_state=None, guest_gpas=None):
         self.index = index
         self.mem = guest_mem
-        self.guest = guest_ring
-        self.shadow = shadow_ring
-        self.shadow_iova = shadow_iova          # (desc, avail, used) IOVAs
+        self.packed = isinstance(guest_ring, PackedRing)
+        if self.packed:
+            self.g = PackedGuest(self, guest_ring, guest_features, guest_state,
+                                 guest_gpas or (None, None))
+        else:
+            self.g = SplitGuest(self, guest_ring, guest_features, last_avail_idx, guest_used_idx)
         self.num = guest_ring.num
-        if shadow_ring.num < guest_ring.num:
+        if shadow_ring.num < self.num:
             raise SvqError("shadow ring smaller than the guest ring")
-        self.snum = snum = shadow_ring.num
-        self.max_chain = max(2, snum // 2) if max_chain is None else max_chain
-        self.guest_event_idx = bool(guest_features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        self.guest_indirect = bool(guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
+        self.shadow_iova = shadow_iova          # (desc, avail, used) IOVAs
         self.device_event_idx = bool(device_features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        self.shadow = SplitDriver(index, shadow_ring, self.device_event_idx, device_kick_fd,
+                                  device_call_fd, base=shadow_base, side="device")
+        self.snum = snum = shadow_ring.num
+        self.smask = snum - 1
+        self.max_chain = max(2, snum // 2) if max_chain is None else max_chain
+        self.guest_indirect = bool(guest_features >> VIRTIO_RING_F_INDIRECT_DESC & 1)
         self.guest_kick_fd, self.guest_call_fd = guest_kick_fd, guest_call_fd
         self.device_kick_fd, self.device_call_fd = device_kick_fd, device_call_fd
         self.bounce_factory = bounce            # () -> BouncePool, on first need
         self.bounce = None
-        # Guest side indexes.
-        self.last_avail_idx = last_avail_idx & 0xffff
-        self.guest_used_idx = guest_used_idx & 0xffff
-        # Device side (QEMU names).
-        self.shadow_avail_idx = shadow_base & 0xffff
-        self.shadow_used_idx = shadow_base & 0xffff     # last used idx read from device
-        self.last_used_idx = shadow_base & 0xffff
-        self.free_head = 0
-        self.num_free = snum
-        self.desc_next = list(range(1, snum)) + [0]   # private free list
-        # desc_state, per shadow head: the guest head (-1 when free, INTERNAL
-        # for svq.py's own requests); the last slot of the chain and its
-        # descriptor count (to splice it back into the free list); the
-        # writable bytes offered; the writable buffers as GPA-contiguous runs
-        # ((gpa, len), ...), for the log; the guest avail index it came from;
-        # its bounce buffer (offset, size, writable runs) or None.
-        self.desc_state = [-1] * snum
-        self.desc_last = [0] * snum
-        self.desc_count = [0] * snum
-        self.desc_wlen = [0] * snum
-        self.desc_runs = [()] * snum
-        self.desc_pos = [0] * snum
-        self.desc_bounce = [None] * snum
-        self.smask = snum - 1
+        self.parked = None                      # a popped chain waiting for room
+        self.seq = 0                            # guest requests taken, for stop accounting
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
-        # Mirrored layout.  A chain is a tuple (mask, count, wlen, runs, words,
-        # inner): the bit mask of its slots, its descriptor count, writable
-        # bytes and writable runs as above, and its log words (log_words(),
-        # found once per walk).  _busy is the mask of the slots in flight;
-        # desc_chain and chain_pos, per head in flight, its chain and avail
-        # index; _chains, per head, the chain walked from _snap (None: not
-        # walked since the table changed).
-        self.mirror = mirror
+        # Mirrored layout.  A chain is a tuple (mask, count, wlen, last_w,
+        # words, inner): the bit mask of its slots, its descriptor count,
+        # writable bytes, the GPA of its last writable byte (-1: none), and
+        # its log words (log_words(), found once per walk).  _busy is the
+        # mask of the slots in flight; desc_chain and chain_seq, per head in
+        # flight, its chain and its request number; _chains, per head, the
+        # chain walked from _snap (None: not walked since the table changed).
+        self.mirror = mirror and not self.packed
         self._switch_pending = False
         self._snap = b""
         self._snap64 = None
         self._chains = [None] * self.num
         self._no_chains = [None] * self.num
-        self.desc_chain = [None] * snum
-        self.chain_pos = [0] * snum
+        self.desc_chain = [None] * self.num
+        self.chain_seq = [0] * self.num
         self._busy = 0
-        self.in_flight = 0                      # shadow requests, svq.py's own included
         self.broken = None
         self.stopping = False                   # quiesced: take no new guest requests
         self.injections = []                    # svq.py's own requests, waiting
         self.stats = stats if stats is not None else SvqStats()
         self.log = self.wlog = None
-        self.log_used_gpa = None
         self.set_log(log, log_used_gpa)
-        # Start with device calls enabled and guest kicks enabled.
-        self.guest.used16[0] = 0
-        sa, su = self.shadow.avail16, self.shadow.used16
-        sa[0] = 0
-        sa[1] = self.shadow_avail_idx
-        su[1] = self.last_used_idx
-        # Event indexes start at the ring base, so the first entry notifies.
-        sa[self.shadow.used_event_i] = self.last_used_idx
-        su[self.shadow.avail_event_i] = self.shadow_avail_idx
-        self.guest.used16[self.guest.avail_event_i] = self.last_avail_idx
-        self._log_used_field(0)
-        self._log_used_field(self.guest.avail_event_i)
+        self.g.start()                          # guest kicks on (and logged)
         self._commit_log()
+
+    # -- compatibility views of the two sides --
+    @property
+    def guest_ring(self):
+        return self.g.ring
+
+    @property
+    def in_flight(self):
+        return self.shadow.in_flight
+
+    @property
+    def num_free(self):
+        return self.shadow.num_free
+
+    @property
+    def last_avail_idx(self):
+        return self.g.avail_state()
+
+    @property
+    def guest_used_idx(self):
+        return self.g.used_idx if not self.packed else self.g.used_pos
+
+    def release(self):
+        """Let go of both rings' memory (before it is unmapped)."""
+        self.g.ring.release()
+        self.shadow.release()
 
     def set_log(self, log, used_gpa=None):
         """Log into `log` from now on (None: stop logging); `used_gpa` is where
-        the guest used ring's writes are logged (None: they are not)."""
+        the guest used ring's writes are logged (None: they are not; for a
+        packed ring any value turns on the logging of the ring's own writes,
+        at their GPAs)."""
         self.log = log
         self.wlog = log if LOG_DEVICE_WRITES else None      # device-written data
-        self.log_used_gpa = used_gpa if log is not None else None
+        ring_logged = log is not None and used_gpa is not None
+        if self.packed:
+            self.g.log_ring = ring_logged and self.g.desc_gpa is not None
+        else:
+            self.g.log_gpa = used_gpa if ring_logged else None
 
     def _commit_log(self):
         if self.log is not None:
             self.log.commit()
-
-    # -- notification helpers --
-    def _log_used_field(self, word):
-        """Our writes to the guest used ring's flags/avail_event dirty it too."""
-        if self.log_used_gpa is not None:
-            self.log.mark(self.log_used_gpa + 2 * word, 2)
-
-    def _guest_disable_kicks(self):
-        if not self.guest_event_idx:
-            self.guest.used16[0] = VRING_USED_F_NO_NOTIFY
-            self._log_used_field(0)
-
-    def _guest_arm_kicks(self):
-        """Re-arm guest kicks (the caller issues the full barrier before it
-        reads the avail index again)."""
-        if self.guest_event_idx:
-            self.guest.used16[self.guest.avail_event_i] = self.last_avail_idx
-            self._log_used_field(self.guest.avail_event_i)
-        else:
-            self.guest.used16[0] = 0
-            self._log_used_field(0)
-
-    def _device_disable_calls(self):
-        if not self.device_event_idx:
-            self.shadow.avail16[0] = VRING_AVAIL_F_NO_INTERRUPT
-
-    def _device_arm_calls(self):
-        """Re-arm device calls (the caller issues the full barrier before it
-        reads the used index again)."""
-        if self.device_event_idx:
-            self.shadow.avail16[self.shadow.used_event_i] = self.last_used_idx
-        else:
-            self.shadow.avail16[0] = 0
 
     def _fail(self, side, idx, what):
         self.broken = "%s ring vq %d index %d: %s" % (side, self.index, idx, what)
@@ -1650,159 +2466,99 @@ class ShadowVirtqueue:
         # of guest memory in the frames would outlive the connection.
         raise RingError(side, self.index, idx, what)
 
-    # -- guest -> device --
-    def _guest_chain(self, head):
-        """The guest chain at `head` as [(gpa, len, writable)], its indirect
-        table flattened, every virtio rule about its shape checked.  Its
-        buffers' bounds are checked where they are translated."""
-        idx = self.last_avail_idx
-        table, table_n = self.guest.desc, self.num
-        unpack = _DESC.unpack_from
-        bufs = []
-        append = bufs.append
-        i = head
-        hops = 0
-        seen_write = indirect = False
-        while True:
-            if i >= table_n:
-                self._fail("guest", idx, "descriptor index %d out of range (head %d)" % (i, head))
-            addr, length, flags, nxt = unpack(table, i << 4)
-            hops += 1
-            if hops > table_n:
-                self._fail("guest", idx,
-                           "descriptor chain from head %d loops or is longer than its table" % head)
-            if flags & VRING_DESC_F_INDIRECT:
-                table, table_n = self._indirect_table(addr, length, flags, indirect, head)
-                i, hops, indirect = 0, 0, True
-                continue
-            write = flags & VRING_DESC_F_WRITE
-            if write:
-                seen_write = True
-            elif seen_write:
-                self._fail("guest", idx,
-                           "device-readable descriptor after a writable one (head %d)" % head)
-            append((addr, length, write))
-            if not flags & VRING_DESC_F_NEXT:
-                break
-            if len(bufs) >= VIRTQUEUE_MAX_SIZE:
-                self._fail("guest", idx, "chain from head %d has more than %d descriptors"
-                           % (head, VIRTQUEUE_MAX_SIZE))
-            i = nxt
-        return bufs
-
-    def _indirect_table(self, addr, length, flags, nested, head):
-        idx = self.last_avail_idx
-        if nested or not self.guest_indirect:
-            self._fail("guest", idx, "indirect descriptor %s (head %d)"
-                       % ("nested" if nested else "not negotiated", head))
-        if length == 0 or length % 16 or flags & VRING_DESC_F_NEXT:
-            self._fail("guest", idx, "bad indirect table length %d (head %d)" % (length, head))
+    def indirect_table(self, addr, length, where):
+        """A guest's indirect table: a view of it and its entry count."""
+        idx = self.g.avail_state()
+        if length == 0 or length % 16:
+            self._fail("guest", idx, "bad indirect table length %d (at %d)" % (length, where))
         if length > VIRTQUEUE_MAX_SIZE * 16:
-            self._fail("guest", idx, "indirect table of %d descriptors (head %d); at most %d"
-                       % (length // 16, head, VIRTQUEUE_MAX_SIZE))
+            self._fail("guest", idx, "indirect table of %d descriptors (at %d); at most %d"
+                       % (length // 16, where, VIRTQUEUE_MAX_SIZE))
         view = self.mem.view(addr, length)
         if view is None:
-            self._fail("guest", idx,
-                       "indirect table [%#x, +%#x) outside guest memory" % (addr, length))
+            self._fail("guest", idx, "indirect table [%#x, +%#x) outside guest memory"
+                       % (addr, length))
         return view, length // 16
 
-    def _region_of(self, addr, end, head):
+    # -- guest -> device, copied layout --
+    def _region_of(self, addr, end, where):
         """The region holding `addr` (the buffer [addr, end) may leave it)."""
         r = self.mem.region(addr)
         if r is None or r.iova is None or end > 0xffffffffffffffff:
-            self._fail("guest", self.last_avail_idx, "buffer [%#x, +%#x) outside guest memory "
-                       "(head %d)" % (addr, end - addr, head))
+            self._fail("guest", self.g.avail_state(), "buffer [%#x, +%#x) outside guest memory "
+                       "(at %d)" % (addr, end - addr, where))
         return r
 
-    def add(self, head):
-        """Copy the guest chain at `head` into the shadow ring.  Returns False
-        (nothing consumed) when the shadow ring (or the bounce pool) has too
-        little room for it now."""
-        bufs = self._guest_chain(head)
+    def add(self, gid, bufs, ndescs, state):
+        """Add the guest chain `bufs` (popped at avail state `state`) to the
+        shadow ring, translated.  False (nothing consumed) when the shadow
+        ring or the bounce pool has too little room for it now.  The
+        request's token (what completing it needs) keeps `bufs` itself: its
+        writable buffers are the ones to log."""
         if len(bufs) > self.max_chain:
-            return self._add_bounced(head, bufs)
-        desc_next, sdesc, pack_desc = self.desc_next, self.shadow.desc, _DESC.pack_into
-        # Region of the previous buffer: most buffers of a chain share it.
+            return self._add_bounced(gid, bufs, ndescs, state)
+        lo, hi, delta = self._hint
+        wlen = 0
+        if delta:
+            out = []
+            append = out.append
+            for addr, length, write in bufs:
+                if write:
+                    wlen += length
+                if not (lo <= addr and addr + length <= hi):
+                    out = None
+                    break
+                append((addr + delta, length, write))
+        else:
+            out = bufs                  # IOVA = GPA: the guest's buffers as they are
+            for addr, length, write in bufs:
+                if write:
+                    wlen += length
+                if not (lo <= addr and addr + length <= hi):
+                    out = None
+                    break
+        if out is None:
+            # Not all in the region of the last buffer: region by region.
+            out, wlen = self._translate(bufs, gid)
+            if len(out) > self.snum:
+                return self._add_bounced(gid, bufs, ndescs, state)     # split past the ring
+        if not self.shadow.add(out, (gid, wlen, bufs, self.seq, None, ndescs, state)):
+            return False
+        self.seq += 1
+        self.stats.requests += 1
+        return True
+
+    def _translate(self, bufs, where):
+        """GPA -> IOVA, region by region: one shadow descriptor per region a
+        buffer crosses.  Returns (buffers, writable bytes)."""
         hint_gpa, hint_end, hint_delta = self._hint
-        first = slot = self.free_head
-        last = 0
-        avail = self.num_free
-        taken = wlen = 0
-        runs = []
+        out = []
+        wlen = 0
         for addr, length, write in bufs:
             end = addr + length
             if write:
                 wlen += length
-                if runs and runs[-1][1] == addr:
-                    runs[-1][1] = end
-                else:
-                    runs.append([addr, end])
-            if hint_gpa <= addr and end <= hint_end:
-                # Fast path: the whole buffer lies in the hinted region.
-                if taken == avail:
-                    return self._no_room(head, bufs)
-                nslot = desc_next[slot]
-                pack_desc(sdesc, slot << 4, addr + hint_delta, length,
-                          write | VRING_DESC_F_NEXT, nslot)
-                taken += 1
-                last, slot = slot, nslot
-                continue
-            # Translate GPA -> IOVA region by region: one shadow descriptor
-            # per region the buffer crosses.
             while True:
-                r = self._region_of(addr, end, head)
-                hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
+                if not (hint_gpa <= addr < hint_end):
+                    r = self._region_of(addr, end, where)
+                    hint_gpa, hint_end, hint_delta = r.gpa, r.end, r.iova - r.gpa
                 piece = min(end, hint_end) - addr
-                if taken == avail:
-                    return self._no_room(head, bufs)
-                nslot = desc_next[slot]
-                pack_desc(sdesc, slot << 4, addr + hint_delta, piece,
-                          write | VRING_DESC_F_NEXT, nslot)
-                taken += 1
-                last, slot = slot, nslot
+                out.append((addr + hint_delta, piece, write))
                 addr += piece
                 if addr >= end:
                     break
-            self._hint = (hint_gpa, hint_end, hint_delta)
-        # Terminate the shadow chain: rewrite the last descriptor's flags.
-        _U16.pack_into(sdesc, (last << 4) + 12, bufs[-1][2])
-        self._claim(first, last, taken, head, wlen, tuple((a, e - a) for a, e in runs), None)
-        return True
-
-    def _no_room(self, head, bufs):
-        """The shadow ring is too full for the chain: it waits (False) for
-        room, unless even an empty ring is too small for it (its buffers
-        split at region boundaries): then it is bounced."""
-        if self.num_free < self.snum:
-            return False
-        return self._add_bounced(head, bufs)
-
-    def _claim(self, first, last, taken, head, wlen, runs, bounce):
-        """Take the shadow chain first..last off the free list and make it
-        available to the device."""
-        self.free_head = self.desc_next[last]
-        self.num_free -= taken
-        self.desc_state[first] = head
-        self.desc_last[first] = last
-        self.desc_count[first] = taken
-        self.desc_wlen[first] = wlen
-        self.desc_runs[first] = runs
-        self.desc_pos[first] = self.last_avail_idx
-        self.desc_bounce[first] = bounce
-        sidx = self.shadow_avail_idx
-        self.shadow.avail16[2 + (sidx & self.smask)] = first
-        self.shadow_avail_idx = (sidx + 1) & 0xffff
-        self.in_flight += 1
+        self._hint = (hint_gpa, hint_end, hint_delta)
+        return out, wlen
 
     def _bounce_pool(self):
         if self.bounce is None:
             if self.bounce_factory is None:
-                self._fail("guest", self.last_avail_idx,
+                self._fail("guest", self.g.avail_state(),
                            "chain needs more descriptors than the shadow ring has")
             self.bounce = self.bounce_factory()
         return self.bounce
 
-    def _add_bounced(self, head, bufs, internal=None):
+    def _add_bounced(self, gid, bufs, ndescs, state, internal=None):
         """A chain too long to shadow descriptor by descriptor (or svq.py's own
         request, `internal` bytes): its readable bytes copied into one bounce
         buffer, one more for its writable part."""
@@ -1811,25 +2567,24 @@ class ShadowVirtqueue:
             for addr, length, write in bufs:      # bounds, before anything is copied
                 end = addr + length
                 while addr < end:
-                    addr = min(end, self._region_of(addr, end, head).end)
+                    addr = min(end, self._region_of(addr, end, gid).end)
             rlen = sum(length for _, length, write in bufs if not write)
             wlen = sum(length for _, length, write in bufs if write)
         else:
             rlen, wlen = len(internal), 0
         if rlen + wlen > pool.size:
-            self._fail("guest", self.last_avail_idx, "chain of %d bytes is larger than the "
-                       "%d-byte bounce pool (head %d)" % (rlen + wlen, pool.size, head))
-        taken = max(1, (rlen > 0) + (wlen > 0))
-        if taken > self.num_free:
+            self._fail("guest", self.g.avail_state(), "chain of %d bytes is larger than the "
+                       "%d-byte bounce pool (at %d)" % (rlen + wlen, pool.size, gid))
+        if max(1, (rlen > 0) + (wlen > 0)) > self.shadow.num_free:
             return False
         off = pool.alloc(rlen + wlen)
         if off < 0:
             return False
         mv, mem = pool.mv, self.mem
         pos = off
-        runs = []
         if internal is not None:
             mv[off:off + rlen] = internal
+            bufs = ()
         else:
             for addr, length, write in bufs:
                 if length:
@@ -1838,36 +2593,29 @@ class ShadowVirtqueue:
                     # it was.
                     mv[pos:pos + length] = mem.read(addr, length)
                     pos += length
-                    if write:
-                        if runs and runs[-1][1] == addr:
-                            runs[-1][1] = addr + length
-                        else:
-                            runs.append([addr, addr + length])
-        runs = tuple((a, e - a) for a, e in runs)
-        first = slot = self.free_head
-        sdesc, pack_desc = self.shadow.desc, _DESC.pack_into
-        parts = [(off, rlen, 0), (off + rlen, wlen, VRING_DESC_F_WRITE)]
-        parts = [p for p in parts if p[1]] or parts[:1]     # all empty: one empty buffer
-        for k, (o, n, flags) in enumerate(parts):
-            nslot = self.desc_next[slot]
-            more = VRING_DESC_F_NEXT if k + 1 < len(parts) else 0
-            pack_desc(sdesc, slot << 4, pool.iova + o, n, flags | more, nslot)
-            last, slot = slot, nslot
-        self._claim(first, last, taken, INTERNAL if internal is not None else head, wlen, runs,
-                    (off, rlen + wlen, off + rlen))
+        out = [(pool.iova + off, rlen, 0), (pool.iova + off + rlen, wlen, VRING_DESC_F_WRITE)]
+        out = [p for p in out if p[1]] or out[:1]        # all empty: one empty buffer
+        token = (INTERNAL if internal is not None else gid, wlen, bufs, self.seq,
+                 (off, rlen + wlen, off + rlen), ndescs, state)
+        if not self.shadow.add(out, token):             # cannot happen: room checked
+            pool.release(off, rlen + wlen)
+            return False
+        if internal is None:
+            self.seq += 1
+            self.stats.requests += 1
         self.stats.bounced += 1
         return True
 
-    def _unbounce(self, bounce, runs):
-        """Copy a bounced chain's writable buffer back to the guest's buffers,
-        and give the pool its space back."""
-        pool = self.bounce
+    def _unbounce(self, bounce, bufs):
+        """Copy a bounced chain's writable buffer back to the guest's writable
+        buffers, and give the pool its space back."""
         off, size, pos = bounce
-        mv, mem = pool.mv, self.mem
-        for gpa, n in runs:
-            mem.write(gpa, mv[pos:pos + n])
-            pos += n
-        pool.release(off, size)
+        mv, mem = self.bounce.mv, self.mem
+        for gpa, n, write in bufs:
+            if write:
+                mem.write(gpa, mv[pos:pos + n])
+                pos += n
+        self.bounce.release(off, size)
 
     def inject(self, data):
         """Send a device-readable buffer of svq.py's own (a RARP announce on
@@ -1883,26 +2631,25 @@ class ShadowVirtqueue:
     def _send_injections(self):
         if self.mirror or not self.injections or self.broken is not None:
             return
-        start = self.shadow_avail_idx
-        while self.injections and self._add_bounced(-1, None, self.injections[0]):
+        added = False
+        while self.injections and self._add_bounced(INTERNAL, None, 0, None, self.injections[0]):
             self.injections.pop(0)
-        if self.shadow_avail_idx != start:
-            smp_wmb()
-            self.shadow.avail16[1] = self.shadow_avail_idx
-            smp_mb()
-            self.kick(start)
+            added = True
+        if added:
+            self.kick()
 
-    # -- mirrored layout --
+    # -- guest -> device, mirrored layout --
     def _walk(self, head, idx, busy):
         """Validate and translate the chain at `head` of the private table copy
         into the same shadow slots; cache and return its chain tuple.  None
         when the chain cannot be mirrored (indirect, or split by a region
         boundary).  `idx` is its avail index, for errors; `busy` the slots
         in flight, which are never rewritten."""
-        snap, num, sdesc = self._snap64, self.num, self.shadow.desc64
+        snap, num, sdesc = self._snap64, self.num, self.shadow.ring.desc64
         hint_gpa, hint_end, hint_delta = self._hint
         mask = count = wlen = 0
-        runs = []
+        words, inner = [], []
+        last_w = -1
         seen_write = False
         i = head
         while True:
@@ -1939,10 +2686,17 @@ class ShadowVirtqueue:
             if flags & VRING_DESC_F_WRITE:
                 seen_write = True
                 wlen += length
-                if runs and runs[-1][1] == addr:
-                    runs[-1][1] = end
-                else:
-                    runs.append([addr, end])
+                if length:
+                    # Its log bits, found once per walk (one page: one word).
+                    page = addr >> PAGE_SHIFT
+                    if (end - 1) >> PAGE_SHIFT == page:
+                        words.append((page >> 3) << 8 | 1 << (page & 7))
+                    else:
+                        w, r = log_words(addr, length)
+                        words.extend(w)
+                        if r is not None:
+                            inner.append(r)
+                    last_w = end - 1
             elif seen_write:
                 self._fail("guest", idx, "device-readable descriptor after a writable one (head %d)"
                            % head)
@@ -1954,15 +2708,8 @@ class ShadowVirtqueue:
             if not flags & VRING_DESC_F_NEXT:
                 break
             i = word >> 48
-        runs = tuple((a, e - a) for a, e in runs)
-        words, inner = [], []
-        for gpa, n in runs:
-            w, r = log_words(gpa, n)
-            words.extend(w)
-            if r is not None:
-                inner.append(r)
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, runs, tuple(words), tuple(inner))
+        chain = self._chains[head] = (mask, count, wlen, last_w, tuple(words), tuple(inner))
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -1970,18 +2717,20 @@ class ShadowVirtqueue:
         returns how many.  Stops before a chain that cannot be mirrored, and
         moves the queue to the copied layout (now if nothing is in flight,
         else once the device has returned everything)."""
-        start = self.last_avail_idx
+        g = self.g
+        start = g.last_avail_idx
         count = (avail_idx - start) & 0xffff
         num = self.num
-        raw = ring_read(self.guest.avail, num, 2, start, count)
-        table = bytes(self.guest.desc)
+        raw = ring_read(g.ring.avail, num, 2, start, count)
+        table = bytes(g.ring.desc)
         if table != self._snap:
             # The guest changed its table: walk chains again from a new copy.
             self._snap = table
             self._snap64 = memoryview(table).cast("Q")
             self._chains[:] = self._no_chains
-        chains, desc_chain, chain_pos, busy = self._chains, self.desc_chain, self.chain_pos, self._busy
+        chains, desc_chain, chain_seq, busy = self._chains, self.desc_chain, self.chain_seq, self._busy
         taken = nfree = 0
+        seq = self.seq
         for head in memoryview(raw).cast("H"):
             pos = (start + taken) & 0xffff
             if head >= num:
@@ -1999,24 +2748,22 @@ class ShadowVirtqueue:
                 self._fail("guest", pos, "head %d reuses descriptors already in flight" % head)
             busy |= m
             desc_chain[head] = chain
-            chain_pos[head] = pos
+            chain_seq[head] = seq + taken
             nfree += chain[1]
             taken += 1
         self._busy = busy
         if taken:
-            ring_write(self.shadow.avail, self.snum, 2, self.shadow_avail_idx,
-                       raw if taken == count else raw[:2 * taken])
-            self.num_free -= nfree
-            self.in_flight += taken
-            self.shadow_avail_idx = (self.shadow_avail_idx + taken) & 0xffff
-            self.last_avail_idx = (start + taken) & 0xffff
+            self.shadow.add_heads(raw if taken == count else raw[:2 * taken])
+            self.shadow.num_free -= nfree
+            self.seq += taken
+            self.stats.requests += taken
+            g.set_avail_state(start + taken)
         return taken
 
     def _enter_copy_mode(self):
         """Leave the mirrored layout (nothing is in flight): a fresh free list."""
         self.mirror = self._switch_pending = False
-        self.desc_next[:] = list(range(1, self.snum)) + [0]
-        self.free_head, self.num_free = 0, self.snum
+        self.shadow.reset_free_list()
         self._snap, self._snap64 = b"", None
         self._chains[:] = self._no_chains
 
@@ -2024,9 +2771,10 @@ class ShadowVirtqueue:
         """Move `count` used entries to the guest (mirrored layout: each goes
         back as the device wrote it, once checked) and queue the log of what
         was written."""
-        start = self.last_used_idx
-        raw = ring_read(self.shadow.used, self.snum, 8, start, count)
-        desc_chain, smask, log = self.desc_chain, self.smask, self.wlog
+        sh = self.shadow
+        start = sh.last_used_idx
+        raw = sh.take_used(count)
+        desc_chain, num, log = self.desc_chain, self.num, self.wlog
         if log is not None:
             words, inner = log.pending, log.pending_runs
         busy = self._busy
@@ -2034,7 +2782,7 @@ class ShadowVirtqueue:
         ents = memoryview(raw).cast("I")
         try:
             for sid, length in zip(ents[0::2], ents[1::2]):
-                chain = desc_chain[sid] if sid <= smask else None
+                chain = desc_chain[sid] if sid < num else None
                 if chain is None:
                     self._fail("device", (start + k) & 0xffff,
                                "used id %d was never made available" % sid)
@@ -2051,11 +2799,8 @@ class ShadowVirtqueue:
                 k += 1
         finally:
             self._busy = busy
-            self.num_free += nfree
-            self.in_flight -= k
-            self.last_used_idx = (start + k) & 0xffff
-        ring_write(self.guest.used, self.num, 8, self.guest_used_idx, raw)
-        self.guest_used_idx = (self.guest_used_idx + count) & 0xffff
+            sh.num_free += nfree
+        self.g.push_raw(raw)
         return count
 
     def forward_avail(self):
@@ -2066,68 +2811,67 @@ class ShadowVirtqueue:
         mirrored layout."""
         if self._switch_pending or self.stopping:
             return False
-        start = self.shadow_avail_idx
-        avail16 = self.guest.avail16
-        mask = self.num - 1
+        g, sh = self.g, self.shadow
+        start = sh.avail_idx
         try:
             while True:
-                self._guest_disable_kicks()
-                avail_idx = avail16[1]
-                # Read barrier: the avail index before the ring entries it covers.
-                smp_rmb()
-                pending = (avail_idx - self.last_avail_idx) & 0xffff
-                if pending > self.num:
-                    self._fail("guest", avail_idx, "avail index jumped by %d (queue size %d)"
-                               % (pending, self.num))
+                g.disable_kicks()
                 parked = False
-                while self.last_avail_idx != avail_idx:
-                    if self.mirror:
+                if self.mirror:
+                    avail_idx = (g.last_avail_idx + g.read_avail()) & 0xffff
+                    while g.last_avail_idx != avail_idx:
                         self._add_mirrored(avail_idx)
                         if self._switch_pending:
                             parked = True
                             break
-                        continue
-                    head = avail16[2 + (self.last_avail_idx & mask)]
-                    if head >= self.num:
-                        self._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
-                    if not self.add(head):
-                        parked = True
-                        break
-                    self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
-                # Write barrier: descriptors and avail entries before the avail
-                # index.
-                smp_wmb()
-                self.shadow.avail16[1] = self.shadow_avail_idx
+                        if not self.mirror:
+                            break           # moved to the copied layout: go on there
+                if not self.mirror and not parked:
+                    while True:
+                        chain = self.parked
+                        if chain is None:
+                            state = g.avail_state()
+                            popped = g.pop()
+                            if popped is None:
+                                break
+                            chain = popped + (state,)
+                        if not self.add(*chain):
+                            self.parked = chain
+                            parked = True
+                            break
+                        self.parked = None
+                if sh.avail_idx != sh.kicked_idx:
+                    sh.publish()
                 if parked:
                     # Guest kicks stay off: the device's used entries resume us.
                     self.stats.parked += 1
                     smp_mb()            # as kick(): avail index before NO_NOTIFY
                     break
-                self._guest_arm_kicks()
-                # Full barrier, for two store-load pairs at once: the shadow avail
-                # index before the device's NO_NOTIFY/avail_event (read below,
-                # to decide on the kick), and the re-armed guest kicks before the
-                # guest avail index (a guest that read the old flag and skipped
-                # its kick would strand a buffer).
+                g.arm_kicks()
+                # Full barrier, for two store-load pairs at once: the shadow
+                # avail index before the device's NO_NOTIFY/avail_event (read
+                # below, to decide on the kick), and the re-armed guest kicks
+                # before the guest's ring (a guest that read the old flag and
+                # skipped its kick would strand a buffer).
                 smp_mb()
-                if avail16[1] == self.last_avail_idx:
+                if not g.has_avail():
                     break
         finally:
-            # Our used-ring flag/avail_event writes, now that they are stored.
+            # Our used-ring flag/event writes, now that they are stored.
             self._commit_log()
-        if self.shadow_avail_idx == start:
+        if sh.avail_idx == start:
             return False
         self.kick(start)
         return True
 
-    def kick(self, old_idx):
-        """Notify the device of the avail entries from `old_idx` unless it
-        asked not to be (NO_NOTIFY/avail_event).  The caller has published
-        them and issued a full barrier after: else we could read a stale
-        suppression flag and skip a needed kick."""
-        if vring_wants_notify(self.shadow.used16, self.device_event_idx, self.shadow.avail_event_i,
-                              VRING_USED_F_NO_NOTIFY, self.shadow_avail_idx, old_idx):
-            os.write(self.device_kick_fd, _EVENTFD_ONE)
+    def kick(self, old_idx=None):
+        """Notify the device of the avail entries from `old_idx` (published,
+        with a full barrier after) unless it asked not to be."""
+        sh = self.shadow
+        if old_idx is None:             # publish first (svq.py's own requests)
+            old_idx = sh.publish()
+            smp_mb()
+        if sh.notify(old_idx):
             self.stats.device_kicks += 1
 
     def handle_guest_kick(self):
@@ -2138,41 +2882,32 @@ class ShadowVirtqueue:
 
     # -- device -> guest --
     def flush(self):
-        """Move every used entry the device produced into the guest used ring
+        """Move every used entry the device produced into the guest's ring
         (again while the device adds entries meanwhile), log what the device
         wrote, then call the guest once, unless it suppressed that.  Returns
-        how many entries were moved."""
-        sused16 = self.shadow.used16
-        start = self.guest_used_idx
-        self._device_disable_calls()
+        how many entries went to the guest."""
+        sh, g = self.shadow, self.g
+        moved = 0
+        sh.disable_cb()
         try:
             while True:
-                used_idx = sused16[1]
-                # Read barrier: the used index before the entries it publishes.
-                smp_rmb()
-                count = (used_idx - self.last_used_idx) & 0xffff
-                if count > self.in_flight:
-                    self._fail("device", used_idx, "used index moved by %d with %d requests "
-                               "in flight" % (count, self.in_flight))
+                count = sh.used_pending()
+                if count > sh.in_flight:
+                    self._fail("device", sh.ring.used16[1], "used index moved by %d with %d "
+                               "requests in flight" % (count, sh.in_flight))
                 if count:
-                    old_used = self.guest_used_idx
-                    n = self._get_mirrored(count) if self.mirror else self._get_copied(used_idx)
-                    if n:
-                        # Write barrier: used entries (and the buffers copied
-                        # back) before the used index the guest polls.
-                        smp_wmb()
-                        self.guest.used16[1] = self.guest_used_idx
-                        self._log_used_ring(old_used, n)
-                self._device_arm_calls()
-                # Full barrier, for two store-load pairs at once: the guest used
-                # index before the guest's suppression flag/used_event (read
-                # below, to decide on the call), and the re-armed device calls
-                # before the device's used index (did it add entries while calls
-                # were off?).
-                smp_mb()
-                if sused16[1] == self.last_used_idx:
+                    # (get_used/take_used issue the read barrier: the used
+                    # index before the entries it publishes.)
+                    moved += self._get_mirrored(count) if self.mirror else self._get_copied()
+                # Re-arm device calls, with a full barrier (in enable_cb) for
+                # two store-load pairs at once: the guest's used index (stored
+                # by publish(), below on the last pass) before the guest's
+                # suppression (read to decide on the call), and the re-armed
+                # device calls before the device's used index.
+                g.publish()
+                if sh.enable_cb():
                     break
-                self._device_disable_calls()
+                sh.disable_cb()
         finally:
             # The log, now that the used index it covers is stored (and after
             # the barrier above): see DirtyLog.
@@ -2180,76 +2915,38 @@ class ShadowVirtqueue:
         if self._switch_pending and not self.in_flight:
             self._enter_copy_mode()
             self._send_injections()
-        moved = (self.guest_used_idx - start) & 0xffff
         if moved:
-            self._call_guest(start)
+            self._call_guest()
         return moved
 
-    def _get_copied(self, used_idx):
-        """Copied layout: move the used entries up to `used_idx`; returns how
-        many went to the guest.  QEMU's vhost_svq_get_buf, inlined with its
-        state in locals: this loop is the per-request hot path."""
-        sused, gused = self.shadow.used, self.guest.used
-        smask, gmask = self.smask, self.num - 1
-        desc_state, desc_wlen, desc_runs = self.desc_state, self.desc_wlen, self.desc_runs
-        desc_bounce = self.desc_bounce
-        desc_next, desc_last, desc_count = self.desc_next, self.desc_last, self.desc_count
-        unpack_used, pack_used = _USED_ELEM.unpack_from, _USED_ELEM.pack_into
+    def _get_copied(self):
+        """Copied layout: move the used entries the shadow ring has to the
+        guest's ring; returns how many went to the guest.  QEMU's
+        vhost_svq_get_buf."""
+        push = self.g.push
         log = self.wlog
         mark = log.mark if log is not None else None
-        gidx = start = self.guest_used_idx
-        last_used = self.last_used_idx
-        free_head, num_free, in_flight = self.free_head, self.num_free, self.in_flight
-        try:
-            while last_used != used_idx:
-                sid, length = unpack_used(sused, 4 + ((last_used & smask) << 3))
-                if sid > smask or desc_state[sid] == -1:
-                    self._fail("device", last_used, "used id %d was never made available" % sid)
-                if length > desc_wlen[sid]:
-                    self._fail("device", last_used, "used length %d beyond the %d writable bytes"
-                               % (length, desc_wlen[sid]))
-                head = desc_state[sid]
-                if desc_bounce[sid] is not None:
-                    if self.bounce is None:
-                        self._fail("device", last_used, "bounced request without a pool")
-                    self._unbounce(desc_bounce[sid], desc_runs[sid])
-                    desc_bounce[sid] = None
-                if mark is not None:
-                    for gpa, n in desc_runs[sid]:
+        moved = 0
+        for (gid, wlen, bufs, _seq, bounce, ndescs, _state), length in self.shadow.used_batch():
+            if length > wlen:
+                self._fail("device", self.shadow.last_used_idx,
+                           "used length %d beyond the %d writable bytes" % (length, wlen))
+            if bounce is not None:
+                self._unbounce(bounce, bufs)
+            if mark is not None:
+                for gpa, n, write in bufs:
+                    if write:
                         mark(gpa, n)
-                if head != INTERNAL:
-                    pack_used(gused, 4 + ((gidx & gmask) << 3), head, length)
-                    gidx = (gidx + 1) & 0xffff
-                # Return the chain to the private free list in one splice.
-                desc_next[desc_last[sid]] = free_head
-                free_head = sid
-                num_free += desc_count[sid]
-                desc_state[sid] = -1
-                in_flight -= 1
-                last_used = (last_used + 1) & 0xffff
-        finally:
-            self.last_used_idx, self.guest_used_idx = last_used, gidx
-            self.free_head, self.num_free, self.in_flight = free_head, num_free, in_flight
-        return (gidx - start) & 0xffff
+            if gid != INTERNAL:
+                push(gid, length, ndescs)
+                moved += 1
+        return moved
 
-    def _log_used_ring(self, first, count):
-        """Log the guest used-ring entries [first, first+count) and its index."""
-        base, num = self.log_used_gpa, self.num
-        if base is None:
-            return
-        start = first & (num - 1)
-        n = min(count, num - start)
-        self.log.mark(base + 4 + start * 8, n * 8)
-        if count > n:
-            self.log.mark(base + 4, min(count - n, num) * 8)
-        self.log.mark(base + 2, 2)
-
-    def _call_guest(self, old_used):
-        """Call the guest for the used entries from `old_used` unless it
-        asked not to be (NO_INTERRUPT/used_event).  The caller has published
-        them and issued a full barrier after."""
-        if vring_wants_notify(self.guest.avail16, self.guest_event_idx, self.guest.used_event_i,
-                              VRING_AVAIL_F_NO_INTERRUPT, self.guest_used_idx, old_used):
+    def _call_guest(self):
+        """Call the guest for the entries published since the last call
+        unless it asked not to be; the caller issued a full barrier after
+        publishing."""
+        if self.g.wants_call():
             os.write(self.guest_call_fd, _EVENTFD_ONE)
             self.stats.guest_calls += 1
 
@@ -2267,46 +2964,68 @@ class ShadowVirtqueue:
         """Guest entries not forwarded yet, with room to forward them (not
         waiting to leave the mirrored layout)."""
         return (not self._switch_pending and not self.stopping and self.num_free > 0
-                and self.last_avail_idx != self.guest.avail16[1])
+                and (self.parked is not None or self.g.has_avail()))
+
+    def device_pending(self):
+        """Used entries the device produced that flush() has not moved yet."""
+        return self.shadow.used_pending() != 0
 
     # -- stopping --
     def in_flight_requests(self):
-        """Guest requests in flight: [(avail index, shadow head)], oldest first."""
+        """Guest requests in flight: [(seq, shadow head, avail state)], oldest
+        first (the avail state is where their pop began)."""
         if self.mirror:
-            out = [(self.chain_pos[h], h) for h in range(self.snum) if self.desc_chain[h] is not None]
+            out = [(self.chain_seq[h], h, None) for h in range(self.num)
+                   if self.desc_chain[h] is not None]
         else:
-            out = [(self.desc_pos[h], h) for h in range(self.snum) if self.desc_state[h] >= 0]
-        return sorted(out, key=lambda e: (e[0] - self.last_avail_idx) & 0xffff)
+            out = [(t[3], h, t[6]) for h, t in enumerate(self.shadow.tokens)
+                   if t is not None and t[0] != INTERNAL]
+        out.sort()
+        return out
 
     def restart_index(self):
         """Where a restarted queue takes the next guest request from, once the
         device is stopped: requests in flight that are the last ones taken
-        (in avail order) are handed back (rewound, the device never
+        (in avail order) are handed back (rewound: the device never
         completed them); any other one is completed with an error
         (complete_with_error), since one index cannot express a gap.
-        Returns (index, rewound, failed)."""
+        Returns (base, rewound, failed) where base is the ring's restart
+        state (VHOST_USER_GET_VRING_BASE's value)."""
         reqs = self.in_flight_requests()
         k = 0
-        for pos, _ in reversed(reqs):
-            if pos != (self.last_avail_idx - k - 1) & 0xffff:
+        for seq, _, _ in reversed(reqs):
+            if seq != self.seq - k - 1:
                 break
             k += 1
-        failed = reqs[:len(reqs) - k]
-        return (self.last_avail_idx - k) & 0xffff, k, failed
+        if self.parked is not None:
+            self.g.set_avail_state(self.parked[3])          # popped, never added
+            self.parked = None
+        if k:
+            first = reqs[len(reqs) - k]
+            state = first[2]
+            if state is None:                               # mirrored: avail index
+                state = (self.g.last_avail_idx - k) & 0xffff
+            self.g.set_avail_state(state)
+        return self.g.restart_base(), k, reqs[:len(reqs) - k]
 
     def complete_with_error(self, heads, blk):
         """Give requests back to the guest as failed, with nothing written but
         (blk) an I/O error status in the chain's last writable byte; their
         shadow descriptors are not reused (the queue is being torn down)."""
-        gidx = start = self.guest_used_idx
+        g = self.g
         for h in heads:
             if self.mirror:
-                chain, head = self.desc_chain[h], h
-                runs = chain[3]
+                chain = self.desc_chain[h]
+                gid, ndescs = h, 1
+                runs = [(chain[3], 1)] if chain[3] >= 0 else []
                 self.desc_chain[h] = None
+                self.shadow.in_flight -= 1
             else:
-                head, runs = self.desc_state[h], self.desc_runs[h]
-                self.desc_state[h] = -1
+                token = self.shadow.tokens[h]
+                gid, ndescs = token[0], token[5]
+                runs = [(a, n) for a, n, w in token[2] if w]
+                self.shadow.tokens[h] = None
+                self.shadow.in_flight -= 1
             length = 0
             if blk and runs:
                 gpa, n = runs[-1]
@@ -2314,26 +3033,129 @@ class ShadowVirtqueue:
                 if self.wlog is not None:
                     self.wlog.mark(gpa + n - 1, 1)
                 length = 1
-            _USED_ELEM.pack_into(self.guest.used, 4 + ((gidx & (self.num - 1)) << 3), head, length)
-            gidx = (gidx + 1) & 0xffff
-            self.in_flight -= 1
-        if gidx != start:
-            self.guest_used_idx = gidx
-            smp_wmb()
-            self.guest.used16[1] = gidx
-            self._log_used_ring(start, (gidx - start) & 0xffff)
+            g.push(gid, length, ndescs)
+        if g.publish():
             self._commit_log()
             smp_mb()
-            self._call_guest(start)
+            self._call_guest()
 
 
 class SvqStats:
     __slots__ = ("guest_kicks", "device_kicks", "device_calls", "guest_calls", "parked", "walks",
-                 "bounced")
+                 "bounced", "requests")
 
     def __init__(self):
         self.guest_kicks = self.device_kicks = self.device_calls = 0
-        self.guest_calls = self.parked = self.walks = self.bounced = 0
+        self.guest_calls = self.parked = self.walks = self.bounced = self.requests = 0
+
+
+# ============================================================================
+# Shadow queues on a device: written once for `run` and `serve`
+# ============================================================================
+
+def map_guest_memory(dev, mem):
+    """Map every region of guest memory for the device, at IOVA = GPA where
+    the device's IOVA range allows (first-fit elsewhere): translation is then
+    the identity, and a switch to passthrough needs no remapping."""
+    first, last = dev.iova_map.first, dev.iova_map.last
+    for r in mem.regions:
+        if first <= r.gpa and r.end - 1 <= last:
+            r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa).iova
+        else:
+            r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+
+
+def shadow_ring_size(num, dev):
+    """A shadow ring as large as the device allows (up to VU_SHADOW_MAX), at
+    least the guest's queue size, a power of two (the device's ring is split)."""
+    size = 1
+    while size < num:
+        size <<= 1
+    return max(size, min(dev.max_queue_size, VU_SHADOW_MAX))
+
+
+class ShadowDevice:
+    """The device side of shadow virtqueues: guest memory mapped for the
+    device, per queue a shadow split ring in svq.py's memory (descriptors
+    and avail device-readable, used device-writable), its kick and call
+    eventfds, the ShadowVirtqueue that bridges it to a guest ring, bounce
+    pools on demand; and all of it undone by teardown()."""
+
+    def __init__(self, dev, mem, mapped=False):
+        self.dev, self.mem = dev, mem
+        self.svqs = []
+        self.shadow_mems = []
+        self.maps = []              # the IOTLB entries of ours (not guest memory)
+        self.fds = []
+        if not mapped:
+            map_guest_memory(dev, mem)
+
+    def add_queue(self, vq, guest_ring, guest_features, device_features, guest_kick, guest_call,
+                  snum=None, log=None, log_used_gpa=None, last_avail_idx=0, guest_used_idx=0,
+                  shadow_base=0, stats=None, guest_state=None, guest_gpas=None):
+        dev = self.dev
+        snum = snum or shadow_ring_size(guest_ring.num, dev)
+        total, doff, aoff, uoff = SplitRing.layout(snum)
+        smem = SharedMemory(total)
+        self.shadow_mems.append(smem)
+        sring = SplitRing(snum, smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total])
+        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
+        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
+        self.maps += [ro, rw]
+        dkick, dcall = eventfd(), eventfd()
+        self.fds += [dkick, dcall]
+        svq = ShadowVirtqueue(vq, self.mem, guest_ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
+                              guest_features, device_features, guest_kick, guest_call, dkick, dcall,
+                              log=log, log_used_gpa=log_used_gpa, guest_used_idx=guest_used_idx,
+                              last_avail_idx=last_avail_idx, shadow_base=shadow_base, stats=stats,
+                              bounce=self.bounce_pool, guest_state=guest_state,
+                              guest_gpas=guest_gpas)
+        self.svqs.append(svq)
+        dev.setup_vq(vq, snum, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall, shadow_base)
+        return svq
+
+    def bounce_pool(self):
+        smem = SharedMemory(BouncePool.SIZE)
+        self.shadow_mems.append(smem)
+        m = self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW)
+        self.maps.append(m)
+        return BouncePool(smem, m.iova)
+
+    def teardown(self, keep_guest=False):
+        """Let go of every shadow ring view, eventfd and mapping; the IOTLB
+        keeps guest memory with keep_guest (a switch to passthrough on a
+        suspended device, which then uses the guest's rings), else it is
+        emptied.  The device is reset or suspended already; with keep_guest
+        its queues are set up anew by the caller (so no eventfd is unbound)."""
+        dev = self.dev
+        for svq in self.svqs:
+            svq.set_log(None)
+            svq.release()
+            if dev.dev.fd >= 0 and not keep_guest:
+                for setter in (dev.dev.set_vring_kick, dev.dev.set_vring_call):
+                    try:
+                        setter(svq.index, VHOST_FILE_UNBIND)
+                    except DeviceError:
+                        pass
+        self.svqs = []
+        if dev.dev.fd >= 0:
+            if keep_guest:
+                for m in self.maps:
+                    try:
+                        dev.unmap(m)
+                    except (DeviceError, IOVAError):
+                        pass
+            else:
+                dev.unmap_all()
+                for r in self.mem.regions:
+                    r.iova = None
+        self.maps = []
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        for m in self.shadow_mems:
+            m.close()
+        self.shadow_mems = []
 
 
 # ============================================================================
@@ -2440,149 +3262,6 @@ class EventLoop:
 # ============================================================================
 # Built-in driver: svq.py plays the guest
 # ============================================================================
-
-class DriverVirtqueue:
-    """The driver side of a split ring in guest memory: avail publishing, kick
-    suppression honoured, used entries consumed in order.  Descriptors come
-    from a private free list, as in a guest kernel's virtio_ring, or, with
-    `fixed`, from where the caller says (add(..., at=)): each buffer then
-    keeps its descriptors and the table does not change from one request to
-    the next, as with DPDK's virtio PMD."""
-
-    def __init__(self, index, mem, num, ring_gpa, features, kick_fd, call_fd,
-                 indirect_gpa=None, indirect_max=0, base=0, fixed=False):
-        self.index, self.mem, self.num = index, mem, num
-        self.fixed = fixed
-        total, doff, aoff, uoff = SplitRing.layout(num)
-        self.desc_gpa, self.avail_gpa, self.used_gpa = ring_gpa + doff, ring_gpa + aoff, ring_gpa + uoff
-        view = mem.view(ring_gpa, total)
-        if view is None:
-            raise SvqError("driver ring vq %d outside guest memory" % index)
-        view[:] = bytes(total)
-        self.ring = SplitRing(num, view[doff:aoff], view[aoff:uoff], view[uoff:total])
-        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        self.indirect = bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1) and indirect_gpa is not None
-        self.indirect_gpa, self.indirect_max = indirect_gpa, indirect_max
-        if self.indirect:
-            self.indirect_view = mem.view(indirect_gpa, num * indirect_max * 16)
-        self.kick_fd, self.call_fd = kick_fd, call_fd
-        self.free_head, self.num_free = 0, num
-        self.desc_next = list(range(1, num)) + [0]
-        self.chain_len = [0] * num
-        self.tokens = [None] * num
-        # Rings start at index `base` (0 normally): both indexes are written
-        # before the device starts, as SET_VRING_BASE tells it.
-        self.avail_idx = self.kicked_idx = self.last_used_idx = base & 0xffff
-        ring = self.ring
-        ring.avail16[1] = self.avail_idx
-        ring.used16[1] = self.last_used_idx
-        ring.avail16[ring.used_event_i] = self.last_used_idx
-        ring.used16[ring.avail_event_i] = self.avail_idx
-        self.kicks = 0
-
-    def add(self, bufs, token, at=None):
-        """Queue one chain of (gpa, len, writable) buffers; False if full.
-        A fixed queue puts it at descriptors at, at+1, ... (False while the
-        chain there is still in flight)."""
-        n = len(bufs)
-        use_indirect = self.indirect and 1 < n <= self.indirect_max
-        need = 1 if use_indirect else n
-        if need > self.num_free:
-            return False
-        if self.fixed:
-            if at is None or at + need > self.num:
-                raise SvqError("fixed driver queue: chain of %d at %r" % (need, at))
-            if self.tokens[at] is not None:
-                return False
-            head = at
-        else:
-            head = self.free_head
-        desc = self.ring.desc
-        if use_indirect:
-            base = head * self.indirect_max * 16
-            tbl = self.indirect_view
-            for i, (gpa, length, write) in enumerate(bufs):
-                flags = (VRING_DESC_F_WRITE if write else 0) | (VRING_DESC_F_NEXT if i + 1 < n else 0)
-                _DESC.pack_into(tbl, base + i * 16, gpa, length, flags, i + 1)
-            _DESC.pack_into(desc, head * 16, self.indirect_gpa + base, n * 16,
-                            VRING_DESC_F_INDIRECT, 0)
-            slot = self.desc_next[head]
-        else:
-            # Two 64-bit stores per descriptor, as a kernel driver's field
-            # stores: rewriting a descriptor with the values it holds changes
-            # nothing a reader can see (pack_into would zero it first).
-            desc64 = self.ring.desc64
-            slot = head
-            for i, (gpa, length, write) in enumerate(bufs):
-                nxt = slot + 1 if self.fixed else self.desc_next[slot]
-                last = i + 1 == n
-                flags = (VRING_DESC_F_WRITE if write else 0) | (0 if last else VRING_DESC_F_NEXT)
-                desc64[2 * slot] = gpa
-                desc64[2 * slot + 1] = length | flags << 32 | (0 if last and self.fixed else nxt) << 48
-                slot = nxt
-        if not self.fixed:
-            self.free_head = slot
-        self.num_free -= need
-        self.chain_len[head] = need
-        self.tokens[head] = token
-        self.ring.avail16[2 + (self.avail_idx & (self.num - 1))] = head
-        self.avail_idx = (self.avail_idx + 1) & 0xffff
-        return True
-
-    def kick(self):
-        """Publish new avail entries and notify the device if it wants it."""
-        if self.avail_idx == self.kicked_idx:
-            return
-        old, self.kicked_idx = self.kicked_idx, self.avail_idx
-        # Write barrier: descriptors and ring entries before the avail index.
-        smp_wmb()
-        self.ring.avail16[1] = self.avail_idx
-        # Full barrier: avail index store before reading NO_NOTIFY/avail_event.
-        smp_mb()
-        if vring_wants_notify(self.ring.used16, self.event_idx, self.ring.avail_event_i,
-                              VRING_USED_F_NO_NOTIFY, self.avail_idx, old):
-            os.write(self.kick_fd, _EVENTFD_ONE)
-            self.kicks += 1
-
-    def get_used(self):
-        """(token, len) of the next used entry, or None."""
-        if self.last_used_idx == self.ring.used16[1]:
-            return None
-        # Read barrier: used index before the entry.
-        smp_rmb()
-        head, length = _USED_ELEM.unpack_from(
-            self.ring.used, 4 + (self.last_used_idx & (self.num - 1)) * 8)
-        if head >= self.num or self.tokens[head] is None:
-            raise RingError("driver", self.index, self.last_used_idx,
-                            "used id %d is not in flight" % head)
-        token = self.tokens[head]
-        self.tokens[head] = None
-        if not self.fixed:
-            slot = head
-            for _ in range(self.chain_len[head] - 1):
-                slot = self.desc_next[slot]
-            self.desc_next[slot] = self.free_head
-            self.free_head = head
-        self.num_free += self.chain_len[head]
-        self.last_used_idx = (self.last_used_idx + 1) & 0xffff
-        return token, length
-
-    def release(self):
-        """Let go of guest memory (before it is unmapped)."""
-        if self.ring is not None:
-            self.ring.release()
-            self.ring = None
-        if self.indirect:
-            self.indirect_view.release()
-
-    def enable_cb(self):
-        """Ask for a call on the next used entry; True if none is pending."""
-        if self.event_idx:
-            self.ring.avail16[self.ring.used_event_i] = self.last_used_idx
-        # Full barrier: used_event store before re-reading the used index.
-        smp_mb()
-        return self.last_used_idx == self.ring.used16[1]
-
 
 class LatencyHistogram:
     """Log-linear histogram of nanoseconds, 8 sub-buckets per power of two."""
@@ -3025,7 +3704,7 @@ class BuiltinRun:
 
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
-                 ring_base=0, straddle=False, cpus=None, opener=VhostVdpa):
+                 ring_base=0, straddle=False, cpus=None, packed=False, opener=VhostVdpa):
         self.path, self.direct = path, direct
         self.cpus = _check_cpus(cpus)           # (driver CPU, svq CPU) or None
         self.straddle = straddle
@@ -3034,7 +3713,8 @@ class BuiltinRun:
         self.progress = progress
         self.fds = []
         self.svqs = []
-        self.shadow_mems = []
+        self.sdev = None
+        self.packed = packed
         self.mem = None
         self.dev = None
         self.loop = None
@@ -3076,6 +3756,15 @@ class BuiltinRun:
             driver_can &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
         if not indirect:
             driver_can &= ~(1 << VIRTIO_RING_F_INDIRECT_DESC)
+        if self.packed:
+            if self.ring_base:
+                raise UsageError("--ring-base is for split rings (a packed ring wraps every "
+                                 "queue size descriptors anyway)")
+            if self.direct and not dev.device_features >> VIRTIO_F_RING_PACKED & 1:
+                raise UsageError("--packed --direct: %s has no packed ring (VIRTIO_F_RING_PACKED); "
+                                 "without --direct the shadow ring carries the driver's packed "
+                                 "ring to the device's split one" % self.path)
+            driver_can |= 1 << VIRTIO_F_RING_PACKED
         if self.direct:
             device_features = dev.negotiate(driver_can)
             guest_features = device_features
@@ -3094,7 +3783,8 @@ class BuiltinRun:
         # buffers.  The regions meet between two buffers; with `straddle` the
         # buffers start 256 bytes before a page and the regions meet inside a
         # buffer every run uses (the shadow must split it: copied layout).
-        ring_bytes = page_align_up(SplitRing.layout(num)[0])
+        ring_layout = PackedRing.layout if self.packed else SplitRing.layout
+        ring_bytes = page_align_up(ring_layout(num)[0])
         ind_max = 8 + drv.queue_count + getattr(drv, "nsegs", 0)
         ind_bytes = page_align_up(num * ind_max * 16)
         rings_end = self.GUEST_BASE + nq * (ring_bytes + ind_bytes)
@@ -3109,52 +3799,31 @@ class BuiltinRun:
         self.mem = mem = GuestMemory.anonymous([(self.GUEST_BASE, first),
                                                 (self.GUEST_BASE + first, total - first)])
         if self.direct:
-            for r in mem.regions:                   # IOVA = GPA
-                dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa)
-                r.iova = r.gpa
+            map_guest_memory(dev, mem)
         else:
-            for r in mem.regions:
-                r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
+            self.sdev = ShadowDevice(dev, mem)
             self.log = DirtyLog(mem.size >> PAGE_SHIFT)
         drv.setup_buffers(mem, buf_base)
         queues = []
+        base = self.ring_base
         for vq in range(nq):
             ring_gpa = self.GUEST_BASE + vq * (ring_bytes + ind_bytes)
             kick, call = self._eventfd(), self._eventfd()
-            dq = DriverVirtqueue(vq, mem, num, ring_gpa, guest_features, kick, call,
-                                 ring_gpa + ring_bytes, ind_max, self.ring_base, fixed=True)
+            dq = driver_queue(vq, mem, num, ring_gpa, guest_features, kick, call,
+                              ring_gpa + ring_bytes, ind_max, base, fixed=True)
             queues.append(dq)
             if self.direct:
+                # A packed ring's VHOST_SET_VRING_BASE: both wrap counters at 1.
                 dev.setup_vq(vq, num, dq.desc_gpa, dq.avail_gpa, dq.used_gpa, kick, call,
-                             self.ring_base)
+                             dq.state() if self.packed else base)
             else:
-                self.svqs.append(self._shadow_queue(vq, dq, device_features, guest_features))
+                self.svqs.append(self.sdev.add_queue(
+                    vq, dq.ring, guest_features, device_features, dq.kick_fd, dq.call_fd, snum=num,
+                    log=self.log, log_used_gpa=dq.used_gpa, last_avail_idx=base,
+                    guest_used_idx=base, shadow_base=base, stats=self.svq_stats,
+                    guest_gpas=(dq.desc_gpa, dq.used_gpa) if self.packed else None))
         drv.attach(queues)
         self.nq = nq                    # run() starts them (DRIVER_OK), after the fork
-
-    def _shadow_queue(self, vq, dq, device_features, guest_features):
-        dev, num = self.dev, dq.num
-        total, doff, aoff, uoff = SplitRing.layout(num)
-        smem = SharedMemory(total)
-        self.shadow_mems.append(smem)
-        sring = SplitRing(num, smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total])
-        # The device only reads descriptors and avail; it writes used.
-        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
-        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
-        dkick, dcall = self._eventfd(), self._eventfd()
-        base = self.ring_base
-        svq = ShadowVirtqueue(vq, self.mem, dq.ring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
-                              guest_features, device_features, dq.kick_fd, dq.call_fd,
-                              dkick, dcall, log=self.log, log_used_gpa=dq.used_gpa,
-                              guest_used_idx=base, last_avail_idx=base, shadow_base=base,
-                              stats=self.svq_stats, bounce=self._bounce_pool)
-        dev.setup_vq(vq, num, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall, base)
-        return svq
-
-    def _bounce_pool(self):
-        smem = SharedMemory(BouncePool.SIZE)
-        self.shadow_mems.append(smem)
-        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
 
     # -- running --
     #
@@ -3401,7 +4070,7 @@ class BuiltinRun:
                             "svq": None if self.direct else _round(self.svq_cpu, 3)},
             "cpus": {"pinned": self.cpus is not None,
                      "driver": self.affinity.get("driver"), "svq": self.affinity.get("svq")},
-            "queue_size": self.driver.num,
+            "queue_size": self.driver.num, "ring": "packed" if self.packed else "split",
             "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
             "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
             "config": self.config, "run_id": self.run_id,
@@ -3420,17 +4089,15 @@ class BuiltinRun:
             self.loop = None
         if self.dev is not None:
             self.dev.close()        # reset, unmap every IOTLB entry, close
+        if self.sdev is not None:
+            self.sdev.teardown()    # the shadow rings' views, eventfds, memory
+            self.sdev = None
         for fd in self.fds:
             os.close(fd)
         self.fds = []
         for q in getattr(getattr(self, "driver", None), "queues", []):
             q.release()
-        for svq in self.svqs:
-            svq.shadow.release()
         self.svqs = []
-        for m in self.shadow_mems:
-            m.close()
-        self.shadow_mems = []
         if self.mem is not None:
             self.mem.close()
             self.mem = None
@@ -4284,8 +4951,6 @@ class VuVring:
         self.started = False        # kick received since the last GET_VRING_BASE
         self.svq = None
         self.views = []             # memoryviews to release on teardown
-        self.shadow_mem = None
-        self.device_fds = ()
         self.polled = 0
         self.pending_seen = None    # progress marks when poll() last saw work pending
 
@@ -4316,7 +4981,11 @@ class VhostUserConnection:
         self.nvq = server.nvq
         self.vrings = [VuVring(i) for i in range(self.nvq)]
         self.rarp = None            # MAC to announce once the device runs
-        self.pools = []             # bounce pools while the device runs
+        self.sdev = None            # the shadow queues while the device runs
+        self.phase = None           # "shadow" or "passthrough" while running
+        self.announcing = False     # shadow for a RARP announce of ours (auto mode)
+        self.switches = 0
+        self.device_features = 0
         self.inbuf = bytearray()    # the message being received
         self.infds = []             # and the fds that came with it
         self.partial_since = None
@@ -4479,6 +5148,8 @@ class VhostUserConnection:
         if changed & ~(1 << VHOST_F_LOG_ALL) or self.verbose:
             _vlog("features: %s" % " ".join(feature_names(f, self.server.type_names)))
         self._apply_log()
+        if self.running and self.phase != self._phase_wanted():
+            self._switch("dirty logging %s" % ("on" if self._logging() else "off"))
         self._maybe_start()
 
     def h_get_protocol_features(self, payload, fds):
@@ -4578,6 +5249,8 @@ class VhostUserConnection:
         old, old_dirty = self.log_mem, self.dirty
         self.log_mem, self.dirty = m, dirty
         self._apply_log()
+        if self.running and self.phase != self._phase_wanted():
+            self._switch("dirty log set")
         if old is not None:
             old_dirty.close()
             old.close()
@@ -4598,9 +5271,10 @@ class VhostUserConnection:
     def h_set_vring_num(self, payload, fds):
         v, num = self._state(payload, fds)
         limit = min(32768, self.dev.max_queue_size)
-        if not 1 <= num <= limit or num & (num - 1):
-            raise ProtocolError("vq %d: size %d is not a power of two in [1, %d]"
-                                % (v.index, num, limit))
+        packed = self.features >> VIRTIO_F_RING_PACKED & 1
+        if not 1 <= num <= limit or (num & (num - 1) and not packed):
+            raise ProtocolError("vq %d: size %d is not %s in [1, %d]"
+                                % (v.index, num, "a size" if packed else "a power of two", limit))
         self._stop_if_running(v, num != v.num)
         v.num = num
 
@@ -4623,8 +5297,10 @@ class VhostUserConnection:
         v.addr = new
 
     def h_set_vring_base(self, payload, fds):
+        """The next avail index (split); for a packed ring the avail position
+        and wrap counter in bits 0-15 and the used ones in bits 16-31."""
         v, base = self._state(payload, fds)
-        if base > 0xffff:
+        if base > 0xffff and not self.features >> VIRTIO_F_RING_PACKED & 1:
             raise ProtocolError("vq %d: base %d" % (v.index, base))
         self._stop_if_running(v, True)
         v.base = base
@@ -4664,6 +5340,8 @@ class VhostUserConnection:
                 raise
             self.loop.remove_reader(old)
             v.svq.guest_kick_fd = fd
+        elif self.running and self.phase == "passthrough":
+            self._device_fd(v, self.dev.dev.set_vring_kick, fd)
         if v.kick >= 0:
             os.close(v.kick)
         v.kick = fd
@@ -4672,8 +5350,19 @@ class VhostUserConnection:
             self._guard(v, v.svq.handle_guest_kick)()
         self._maybe_start()
 
+    def _device_fd(self, v, setter, fd):
+        """Passthrough: a new kick or call fd of the frontend goes straight to
+        the device."""
+        try:
+            setter(v.index, fd)
+        except DeviceError:
+            os.close(fd)
+            raise
+
     def h_set_vring_call(self, payload, fds):
         v, fd = self._vring_fd(payload, fds, "call")
+        if self.running and self.phase == "passthrough":
+            self._device_fd(v, self.dev.dev.set_vring_call, fd if fd >= 0 else self.sink)
         old, v.call = v.call, fd
         if v.svq is not None:
             v.svq.guest_call_fd = fd if fd >= 0 else self.sink
@@ -4718,9 +5407,24 @@ class VhostUserConnection:
         device's TX queue (for guests without GUEST_ANNOUNCE), as DPDK's
         vhost does: the network learns where the guest now is."""
         tx = self.vrings[1].svq if self.running and self.nvq > 1 else None
+        if self.rarp is not None and self.running and tx is None:
+            # Passthrough: the guest's TX ring is the device's, with no room
+            # for a frame of ours.  In auto mode the queues go shadow for the
+            # announce, and back once it is out (poll()).
+            if self.server.mode == "auto":
+                self.announcing = True
+                self._switch("RARP announce")
+            else:
+                _vlog("RARP announce of %s not sent: passthrough (no ring of svq.py's own to "
+                      "send it from)" % _mac_str(self.rarp))
+                self.rarp = None
+            return
         if self.rarp is None or tx is None or tx.broken is not None:
             return
         _vlog("announcing %s (RARP) on vq 1" % _mac_str(self.rarp))
+        for v in self.vrings:       # RX buffers the guest posted first: the device may loop it back
+            if v.svq is not None and v.svq.broken is None:
+                self._guard(v, v.svq.forward_avail)()
         self._guard(self.vrings[1], lambda: tx.inject(rarp_frame(self.rarp)))()
         self.rarp = None
 
@@ -4820,72 +5524,270 @@ class VhostUserConnection:
         v.views.append(view)
         return view
 
+    # -- modes: passthrough while not logging, shadow while logging --
+    #
+    # In passthrough the device uses the frontend's rings itself (guest memory
+    # is at IOVA = GPA) and the frontend's kick and call eventfds go to the
+    # kernel: no Python on the data path.  When the frontend turns dirty
+    # logging on (QEMU does at migration start) the queues switch to shadow,
+    # and back when it turns it off (a failed or cancelled migration).  Pages
+    # the device wrote before the switch need no log: a VMM's first pass over
+    # RAM, after logging starts, sends every page (QEMU marks all of RAM
+    # dirty first).
+
+    def _phase_wanted(self):
+        mode = self.server.mode
+        if mode == "auto":
+            # Shadow while logging, and while a RARP announce of ours goes out.
+            return "shadow" if self._logging() or self.announcing else "passthrough"
+        return mode
+
+    def _guest_features(self):
+        return self.features & ~((1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
+
+    def _device_wanted(self):
+        dev = self.dev
+        guest = self._guest_features()
+        base = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM)
+        if self.server.mode == "shadow":
+            # The shadow rings carry what the device lacks (indirect, event
+            # index, a packed ring) to the guest.
+            return ((guest & svq_device_features(dev.device_id)) | base
+                    | (1 << VIRTIO_F_ANY_LAYOUT) | (1 << VIRTIO_RING_F_EVENT_IDX))
+        return guest | base             # the device drives the guest's rings itself
+
     def _start_device(self):
-        dev, srv = self.dev, self.server
-        guest_features = self.features & ~((1 << VHOST_F_LOG_ALL) | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
-        wanted = ((guest_features & svq_device_features(dev.device_id)) | (1 << VIRTIO_F_VERSION_1)
-                  | (1 << VIRTIO_F_ACCESS_PLATFORM) | (1 << VIRTIO_F_ANY_LAYOUT)
-                  | (1 << VIRTIO_RING_F_EVENT_IDX))
         self.running = True         # from here on, _stop_device undoes it all
         try:
-            device_features = dev.negotiate(wanted)
-            first, last = dev.iova_map.first, dev.iova_map.last
-            for r in self.mem.regions:
-                # IOVA = GPA where the device's range allows: a later switch
-                # to passthrough then needs no remapping of guest memory.
-                if first <= r.gpa and r.end - 1 <= last:
-                    r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW, iova=r.gpa).iova
-                else:
-                    r.iova = dev.map(r.hva, r.size, VHOST_ACCESS_RW).iova
-            for v in self.vrings:
-                self._setup_queue(v, guest_features, device_features)
-            dev.start(range(self.nvq))
+            self.device_features = self.dev.negotiate(self._device_wanted())
+            map_guest_memory(self.dev, self.mem)
+            self._bring_up(self._phase_wanted())
+            self.dev.start(range(self.nvq))
         except BaseException:
             self._stop_device(None)
             raise
-        _vlog("device started: %s" % ", ".join(
-            "vq %d size %d (shadow %d) at avail %d used %d"
-            % (v.index, v.num, v.svq.snum, v.svq.last_avail_idx, v.svq.guest_used_idx)
-            for v in self.vrings))
+        self._started_log()
+        self._after_start()
+
+    def _started_log(self):
+        if self.phase == "shadow":
+            _vlog("device started, shadow: %s" % ", ".join(
+                "vq %d size %d%s (shadow %d) at avail %#x used %#x"
+                % (v.index, v.num, " packed" if v.svq.packed else "", v.svq.snum,
+                   v.svq.last_avail_idx, v.svq.guest_used_idx) for v in self.vrings))
+        else:
+            _vlog("device started, passthrough: %s" % ", ".join(
+                "vq %d size %d at avail %#x" % (v.index, v.num, v.base) for v in self.vrings))
         if self.verbose:
-            _vlog("device features: %s" % " ".join(feature_names(device_features, srv.type_names)))
+            _vlog("device features: %s" % " ".join(
+                feature_names(self.device_features, self.server.type_names)))
+
+    def _after_start(self):
         for v in self.vrings:       # buffers made available while we were stopped
             if v.svq is not None and v.svq.broken is None:
                 self._guard(v, v.svq.forward_avail)()
         self._send_rarp()
 
-    def _setup_queue(self, v, guest_features, device_features):
-        dev, num = self.dev, v.num
-        flags, desc, used, avail, log = v.addr
-        gring = SplitRing(num, self._ring_view(v, desc, vring_desc_size(num), "descriptor"),
-                          self._ring_view(v, avail, vring_avail_size(num), "avail"),
-                          self._ring_view(v, used, vring_used_size(num), "used"))
-        snum = max(num, min(dev.max_queue_size, VU_SHADOW_MAX))
-        total, doff, aoff, uoff = SplitRing.layout(snum)
-        v.shadow_mem = smem = SharedMemory(total)
-        views = [smem.mv[doff:aoff], smem.mv[aoff:uoff], smem.mv[uoff:total]]
-        v.views += views
-        sring = SplitRing(snum, *views)
-        ro = dev.map(smem.hva, uoff, VHOST_ACCESS_RO)
-        rw = dev.map(smem.hva + uoff, total - uoff, VHOST_ACCESS_RW)
-        v.device_fds = dkick, dcall = eventfd(), eventfd()
-        dev.setup_vq(v.index, snum, ro.iova + doff, ro.iova + aoff, rw.iova, dkick, dcall)
-        used_idx = gring.used16[1]
-        logging = self._logging()
-        v.svq = svq = ShadowVirtqueue(
-            v.index, self.mem, gring, sring, (ro.iova + doff, ro.iova + aoff, rw.iova),
-            guest_features, device_features, v.kick, v.call if v.call >= 0 else self.sink,
-            dkick, dcall, guest_used_idx=used_idx, last_avail_idx=v.base,
-            log=self.dirty if logging else None,
-            log_used_gpa=log if logging and flags & (1 << VHOST_VRING_F_LOG) else None,
-            bounce=self._bounce_pool)
-        self.loop.add_reader(v.kick, self._guard(v, svq.handle_guest_kick))
-        self.loop.add_reader(dcall, self._guard(v, svq.handle_device_call))
+    def _bring_up(self, phase):
+        """Set every queue up for `phase` (the device is negotiated, guest
+        memory mapped; not yet DRIVER_OK, or suspended)."""
+        if phase == "shadow":
+            self.sdev = ShadowDevice(self.dev, self.mem, mapped=True)
+            for v in self.vrings:
+                self._setup_queue(v, self._guest_features(), self.device_features)
+        else:
+            for v in self.vrings:
+                self._setup_passthrough(v)
+        self.phase = phase
 
-    def _bounce_pool(self):
-        smem = SharedMemory(BouncePool.SIZE)
-        self.pools.append(smem)
-        return BouncePool(smem, self.dev.map(smem.hva, smem.size, VHOST_ACCESS_RW).iova)
+    def _setup_passthrough(self, v):
+        num = v.num
+        flags, desc, used, avail, log = v.addr
+        if self._guest_features() >> VIRTIO_F_RING_PACKED & 1:
+            sizes = (VRING_DESC_SIZE * num, 4, 4)
+        else:
+            sizes = (vring_desc_size(num), vring_avail_size(num), vring_used_size(num))
+        for uaddr, size, what in zip((desc, avail, used), sizes, ("descriptor", "avail", "used")):
+            self._ring_view(v, uaddr, size, what).release()     # in the memory table
+        self.dev.setup_vq(v.index, num, self._gpa(desc), self._gpa(avail), self._gpa(used),
+                          v.kick, v.call if v.call >= 0 else self.sink, v.base)
+
+    def _switch(self, why):
+        """Move the running queues to the other phase without losing or
+        repeating a request (see _quiesce_*), in place on a suspended device
+        where it can (VHOST_VDPA_SUSPEND, ring addresses changed, RESUME),
+        else by a reset and a new bring-up."""
+        dev, to = self.dev, self._phase_wanted()
+        t0 = time.monotonic()
+        suspended = (self._quiesce_shadow(why) if self.phase == "shadow"
+                     else self._quiesce_passthrough(why))
+        how = "reset"
+        if suspended:
+            try:
+                for v in self.vrings:
+                    dev.dev.set_vring_enable(v.index, False)
+                self._teardown_phase(keep_maps=True)
+                self._bring_up(to)
+                for v in self.vrings:
+                    dev.dev.set_vring_enable(v.index, True)
+                dev.dev.resume()
+                how = "suspend/resume"
+            except DeviceError as e:
+                _vlog("switching in place: %s; resetting instead" % e)
+                suspended = False
+        if not suspended:
+            dev.reset()
+            self._teardown_phase(keep_maps=False)
+            self.device_features = dev.negotiate(self._device_wanted())
+            map_guest_memory(dev, self.mem)
+            self._bring_up(to)
+            dev.start(range(self.nvq))
+        _vlog("switched to %s in %.1f ms (%s; %s)" % (to, (time.monotonic() - t0) * 1e3, how, why))
+        self.switches += 1
+        self._after_start()
+
+    def _quiesce_passthrough(self, why):
+        """Stop a passthrough device taking guest requests and record, per
+        queue, where the guest's ring stands (v.base).  The device's kicks go
+        to an eventfd of ours first, and the device is left to complete what
+        it took, in whatever order (the guest's used index catches up with the
+        device's avail index); then it is suspended where it can be.  A
+        device that takes requests only when kicked (vdpa_sim, qemu-storage-
+        daemon's VDUSE export) takes no more meanwhile.  A request still not
+        completed when the wait is over is handed back (rewound), with a
+        warning: right for a device that completes in order.  Returns
+        whether the device is suspended."""
+        dev = self.dev
+        for v in self.vrings:
+            dev.dev.set_vring_kick(v.index, self.sink)
+        packed = bool(self._guest_features() >> VIRTIO_F_RING_PACKED & 1)
+        deadline = time.monotonic() + (0.3 if self.loop.stopped else VU_DRAIN_SECONDS)
+
+        def behind(v):
+            state = dev.dev.get_vring_base(v.index)
+            if packed:                      # avail and used position, wrap counters
+                return state, (state ^ state >> 16) & 0xffff
+            return state, (state - self._guest_used_idx(v)) & 0xffff
+        for v in self.vrings:
+            while behind(v)[1] and time.monotonic() < deadline:
+                time.sleep(0.001)
+        suspended = False
+        if dev.has_backend(VHOST_BACKEND_F_SUSPEND) and dev.has_backend(VHOST_BACKEND_F_RESUME):
+            try:
+                suspended = dev.suspend()
+            except DeviceError as e:
+                _vlog("suspend: %s" % e)
+        for v in self.vrings:
+            state, missing = behind(v)
+            if missing:
+                _vlog("vq %d: %d requests the device took did not complete; handed back "
+                      "(%s)" % (v.index, missing, why))
+                state = ((state >> 16) * 0x10001 if packed else self._guest_used_idx(v))
+            v.base = state
+        return suspended
+
+    def _guest_used_idx(self, v):
+        flags, desc, used, avail, log = v.addr
+        view = self._ring_view(v, used, 4, "used")
+        idx = view.cast("H")[1]
+        view.release()
+        return idx
+
+    def _quiesce_shadow(self, why):
+        """Take no new guest request, let those in flight complete, suspend,
+        move what completed to the guest, and record where each queue
+        restarts (v.base).  Returns whether the device is suspended."""
+        dev = self.dev
+        live = [v for v in self.vrings if v.svq is not None]
+        for v in live:
+            v.svq.stopping = True               # no new guest requests
+        drained = self._drain() if why is not None else 0.0
+        suspended = False
+        try:
+            suspended = dev.suspend()
+        except DeviceError:
+            pass
+        for v in live:                          # what completed until the suspend
+            self._flush(v)
+        if why is None:
+            return suspended
+        blk = dev.device_id == VIRTIO_ID_BLOCK
+        for v in live:
+            s = v.svq
+            v.base, rewound, failed = s.restart_index()
+            if failed:
+                # Requests the device took and never completed, with later
+                # ones completed: one index cannot hand them back.
+                _vlog("vq %d: %d requests did not complete within %.1f s; "
+                      "completed as failed" % (v.index, len(failed), drained))
+                try:
+                    s.complete_with_error([h for _, h, _ in failed], blk)
+                except (OSError, SvqError) as e:
+                    _vlog("vq %d: %s" % (v.index, e))
+            st = s.stats
+            _vlog("vq %d stopped at avail %#x used %#x%s%s%s; %d requests, %s layout, "
+                  "%.2f chain walks a request, %d bounced (%s)" % (
+                      v.index, v.base, s.guest_used_idx,
+                      " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
+                      ", %d not taken by the device handed back" % rewound if rewound else "",
+                      ", %d stalls recovered by polling" % v.polled if v.polled else "",
+                      st.requests, "mirrored" if s.mirror else "copied",
+                      st.walks / max(st.requests, 1), st.bounced, why))
+            v.polled = 0
+        return suspended
+
+    def _teardown_phase(self, keep_maps):
+        """Let go of the shadow queues (readers, rings, views); the device's
+        IOTLB keeps guest memory with keep_maps."""
+        for v in self.vrings:
+            v.pending_seen = None
+            if v.svq is not None:
+                self.loop.remove_reader(v.svq.guest_kick_fd)
+                self.loop.remove_reader(v.svq.device_call_fd)
+            v.svq = None
+            for view in v.views:
+                view.release()
+            v.views = []
+        if self.sdev is not None:
+            self.sdev.teardown(keep_guest=keep_maps)
+            self.sdev = None
+        if not keep_maps:
+            self.dev.unmap_all()
+            if self.mem is not None:
+                for r in self.mem.regions:
+                    r.iova = None
+
+    def _setup_queue(self, v, guest_features, device_features):
+        num = v.num
+        flags, desc, used, avail, log = v.addr
+        packed = bool(guest_features >> VIRTIO_F_RING_PACKED & 1)
+        if packed:
+            # desc: the descriptor ring; avail and used: the driver and device
+            # event suppression areas.
+            gring = PackedRing(num, self._ring_view(v, desc, VRING_DESC_SIZE * num, "descriptor"),
+                               self._ring_view(v, avail, 4, "driver area"),
+                               self._ring_view(v, used, 4, "device area"))
+            gpas = (self._gpa(desc), self._gpa(used))
+            used_idx = 0
+        else:
+            gring = SplitRing(num, self._ring_view(v, desc, vring_desc_size(num), "descriptor"),
+                              self._ring_view(v, avail, vring_avail_size(num), "avail"),
+                              self._ring_view(v, used, vring_used_size(num), "used"))
+            gpas = None
+            used_idx = gring.used16[1]
+        logging = self._logging()
+        v.svq = svq = self.sdev.add_queue(
+            v.index, gring, guest_features, device_features, v.kick,
+            v.call if v.call >= 0 else self.sink, log=self.dirty if logging else None,
+            log_used_gpa=log if logging and flags & (1 << VHOST_VRING_F_LOG) else None,
+            last_avail_idx=v.base, guest_used_idx=used_idx,
+            guest_state=v.base if packed else None, guest_gpas=gpas)
+        self.loop.add_reader(v.kick, self._guard(v, svq.handle_guest_kick))
+        self.loop.add_reader(svq.device_call_fd, self._guard(v, svq.handle_device_call))
+
+    def _gpa(self, uaddr):
+        r = self.mem.region_by_uaddr(uaddr, 1)
+        return r.gpa + uaddr - r.uaddr
 
     def _guard(self, v, fn):
         svq = v.svq
@@ -4913,17 +5815,25 @@ class VhostUserConnection:
         work, still pending a tick later, with no handler run in between, is
         a lost notification."""
         self.poll_stalled()
-        if self.closed or not self.running:
+        if self.closed or not self.running or self.phase != "shadow":
             return
+        if self.announcing:
+            tx = self.vrings[1].svq
+            if tx is None or not tx.injections and not any(
+                    t is not None and t[0] == INTERNAL for t in tx.shadow.tokens):
+                self.announcing = False
+                if self._phase_wanted() != self.phase:
+                    self._switch("RARP announce sent")
+                    return
         for v in self.vrings:
             s = v.svq
             if s is None or s.broken is not None:
                 continue
-            if s.shadow.used16[1] == s.last_used_idx and not s.avail_pending():
+            if not s.device_pending() and not s.avail_pending():
                 v.pending_seen = None
                 continue
             st = s.stats
-            marks = (st.guest_kicks, st.device_calls, s.last_used_idx, s.last_avail_idx)
+            marks = (st.guest_kicks, st.device_calls, s.shadow.last_used_idx, s.last_avail_idx)
             if v.pending_seen != marks:
                 v.pending_seen = marks          # first sighting: give it a tick
                 continue
@@ -4979,73 +5889,18 @@ class VhostUserConnection:
         if not self.running:
             return
         self.running = False
-        dev = self.dev
-        live = [v for v in self.vrings if v.svq is not None]
-        for v in live:
-            v.svq.stopping = True               # no new guest requests
-        drained = self._drain() if why is not None else 0.0
-        try:
-            dev.suspend()
-        except DeviceError:
-            pass
-        for v in live:                          # what completed until the suspend
-            self._flush(v)
-        dev.reset()
-        for v in live:                          # and until the reset
-            self._flush(v)
-        blk = dev.device_id == VIRTIO_ID_BLOCK
-        for v in self.vrings:
-            s = v.svq
-            if s is not None and why is not None:
-                v.base, rewound, failed = s.restart_index()
-                if failed:
-                    # Requests the device took and never completed, with later
-                    # ones completed: one index cannot hand them back.
-                    _vlog("vq %d: %d requests did not complete within %.1f s; "
-                          "completed as failed" % (v.index, len(failed), drained))
-                    try:
-                        s.complete_with_error([h for _, h in failed], blk)
-                    except (OSError, SvqError) as e:
-                        _vlog("vq %d: %s" % (v.index, e))
-                if why:
-                    _vlog("vq %d stopped at avail %d used %d%s%s%s (%s)" % (
-                        v.index, v.base, s.guest_used_idx,
-                        " after %.0f ms" % (drained * 1e3) if drained >= 0.001 else "",
-                        ", %d not taken by the device handed back" % rewound if rewound else "",
-                        ", %d stalls recovered by polling" % v.polled if v.polled else "", why))
-                v.polled = 0
-            v.pending_seen = None
-            self._teardown_queue(v)
-        dev.unmap_all()
-        for smem in self.pools:
-            smem.close()
-        self.pools = []
-        if self.mem is not None:
-            for r in self.mem.regions:
-                r.iova = None
-
-    def _teardown_queue(self, v):
-        if v.svq is not None:
-            self.loop.remove_reader(v.svq.guest_kick_fd)
-            self.loop.remove_reader(v.svq.device_call_fd)
-            v.svq.set_log(None)
-            v.svq.guest.release()
-            v.svq.shadow.release()
-        for setter in (self.dev.dev.set_vring_kick, self.dev.dev.set_vring_call):
-            try:
-                setter(v.index, VHOST_FILE_UNBIND)
-            except DeviceError:
-                pass
-        for fd in v.device_fds:
-            os.close(fd)
-        v.device_fds = ()
-        v.svq = None
-        for view in v.views:
-            view.release()
-        v.views = []
-        if v.shadow_mem is not None:
-            v.shadow_mem.close()
-            v.shadow_mem = None
+        if self.phase == "shadow":
+            self._quiesce_shadow(why)
+        elif why is not None:
+            self._quiesce_passthrough(why)
+            _vlog("vq%s stopped at avail %s (passthrough; %s)" % (
+                "s" if self.nvq > 1 else "", ", ".join("%#x" % v.base for v in self.vrings), why))
+        self.dev.reset()
+        if self.phase == "shadow":
+            for v in self.vrings:               # completions until the reset
+                self._flush(v)
+        self._teardown_phase(keep_maps=False)
+        self.phase = None
 
     def close(self, reason):
         """Reset the device, empty its IOTLB, release every mapping and fd."""
@@ -5103,9 +5958,12 @@ class VhostUserServer:
     worker process of its own; else in this process (a library, the tests)."""
 
     def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa,
-                 isolate=False, mac=None, sock_fd=None, sock_from=None):
+                 isolate=False, mac=None, sock_fd=None, sock_from=None, mode="auto"):
         self.device, self.path, self.client = device, socket_path, client
         self.verbose, self.opener, self.isolate = verbose, opener, isolate
+        if mode not in ("auto", "shadow", "passthrough"):
+            raise UsageError("--mode %s: auto, shadow or passthrough" % mode)
+        self.mode = mode
         self.conn = None
         self.worker = None          # pid of the connection's worker process
         self.listener = None
@@ -5138,16 +5996,32 @@ class VhostUserServer:
             if probe.num_vqs < self.nvq:
                 raise SvqError("%s: %d queues, %d needed" % (device, probe.num_vqs, self.nvq))
             shadowable = probe.device_features & svq_device_features(probe.device_id)
-            self.offered = (((shadowable | SVQ_GUEST_EXTRA_FEATURES) & ~(1 << VIRTIO_F_ACCESS_PLATFORM))
+            if mode == "shadow":
+                # The shadow rings carry indirect tables, the event index and a
+                # packed ring to the guest whatever the device has.
+                shadowable |= SVQ_GUEST_EXTRA_FEATURES
+            else:
+                # Passthrough hands the guest's rings to the device: offer
+                # only what the device itself does (the same set in both
+                # phases of auto mode).
+                shadowable |= probe.device_features & SVQ_GUEST_EXTRA_FEATURES
+            self.offered = ((shadowable & ~(1 << VIRTIO_F_ACCESS_PLATFORM))
                             | (1 << VHOST_USER_F_PROTOCOL_FEATURES))
             protocol = [VHOST_USER_PROTOCOL_F_MQ, VHOST_USER_PROTOCOL_F_REPLY_ACK,
                         VHOST_USER_PROTOCOL_F_RESET_DEVICE, VHOST_USER_PROTOCOL_F_STATUS]
-            if native() is not None:
+            if mode == "passthrough":
+                pass                    # the device's writes cannot be logged
+            elif native() is not None:
                 self.offered |= 1 << VHOST_F_LOG_ALL
                 protocol.append(VHOST_USER_PROTOCOL_F_LOG_SHMFD)
             else:
                 _vlog("warning: no dirty logging (VHOST_F_LOG_ALL not offered): the shared log "
                       "needs an atomic OR: %s" % native_error())
+            if mode == "auto" and not (probe.has_backend(VHOST_BACKEND_F_SUSPEND)
+                                       and probe.has_backend(VHOST_BACKEND_F_RESUME)):
+                _vlog("note: %s has no VHOST_VDPA_SUSPEND/RESUME: a switch between passthrough "
+                      "and shadow redirects the guest's kicks, lets the device complete what "
+                      "it took, and resets it" % device)
             # CONFIG where the frontend's device type reads it (QEMU's
             # vhost-user-blk needs it; its net frontend warns that it
             # does not support it); RARP for net.
@@ -5498,7 +6372,8 @@ def cmd_serve(args):
     if fd is not None and fd < 0:
         raise UsageError("--fd %d: not a file descriptor" % fd)
     server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose,
-                             isolate=True, mac=args.mac, sock_fd=fd, sock_from=origin)
+                             isolate=True, mac=args.mac, sock_fd=fd, sock_from=origin,
+                             mode=args.mode)
     try:
         sig = server.run()
     except BaseException:           # a signal before the loop took them over
@@ -5521,6 +6396,10 @@ def add_serve_parser(sub):
     s.add_argument("--client", action="store_true",
                    help="connect to a frontend listening on --socket instead of listening")
     s.add_argument("--mac", type=_mac, help="net: set the device's MAC first (the guest's)")
+    s.add_argument("--mode", choices=("auto", "shadow", "passthrough"), default="auto",
+                   help="auto (default): the device uses the frontend's rings (passthrough) "
+                        "and shadow virtqueues take over while the frontend logs dirty pages "
+                        "(migration); shadow: always; passthrough: never (no dirty log)")
     s.add_argument("--verbose", "-v", action="store_true", help="trace every message")
     return s
 
@@ -5585,6 +6464,9 @@ def build_parser():
     r.add_argument("--no-event-idx", action="store_true", help="driver: do not use event index")
     r.add_argument("--ring-base", type=int, default=0, metavar="N",
                    help="start every ring index at N (0-65535), to cross the 16-bit wrap early")
+    r.add_argument("--packed", action="store_true",
+                   help="driver: use a packed ring (shadow mode carries it to the device's "
+                        "split ring)")
     r.add_argument("--straddle", action="store_true",
                    help="driver: put one buffer across the two guest memory regions "
                         "(the shadow then copies chains instead of mirroring them)")
@@ -5616,7 +6498,8 @@ def _round(x, digits):
 
 
 def format_summary(s):
-    lines = ["%s: virtio-%s, %s mode, queue size %d" % (s["device"], s["type"], s["mode"], s["queue_size"]),
+    lines = ["%s: virtio-%s, %s mode, %s ring, queue size %d" % (
+                 s["device"], s["type"], s["mode"], s["ring"], s["queue_size"]),
              "  %d requests, %.1f MB in %.2f s: %.0f req/s, %.1f Mbit/s" % (
                  s["requests"], s["bytes"] / 1e6, s["seconds"], s["requests_per_second"],
                  s["mbit_per_second"]),
@@ -5654,7 +6537,7 @@ def cmd_run(args):
     run = BuiltinRun(args.device, direct=args.direct, queue_size=args.queue_size,
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
-                     ring_base=args.ring_base, straddle=args.straddle,
+                     ring_base=args.ring_base, straddle=args.straddle, packed=args.packed,
                      cpus=args.cpus, progress=progress)
     try:
         run.run()
