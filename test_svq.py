@@ -4115,15 +4115,17 @@ def _testpmd(sock, prefix, bursts=4, wait=30.0, packed=False):
 
 
 @pytest.mark.vdpa
-@pytest.mark.parametrize("ring", ["split", "packed"])
-def test_dpdk_testpmd_through_shadow(tmpdir_short, ring):
-    """DPDK's virtio-user PMD (packed_vq=1 for a packed ring) through serve
-    to vdpa_sim_net's split rings and back."""
+@pytest.mark.parametrize("ring,mode", [("split", "auto"), ("packed", "shadow")])
+def test_dpdk_testpmd_through_serve(tmpdir_short, ring, mode):
+    """DPDK's virtio-user PMD through serve to vdpa_sim_net and back: split
+    rings in auto mode (passthrough: the device drives testpmd's rings), and
+    packed ones (packed_vq=1) in shadow mode, carried to the device's split
+    rings."""
     dev = os.environ.get("SVQ_NET_DEV")
     if not dev or not shutil.which("dpdk-testpmd"):
         pytest.skip("SVQ_NET_DEV or dpdk-testpmd missing (run in the VM rig)")
     path = os.path.join(tmpdir_short, "net.sock")
-    srv = ProcessServer(path, dev)
+    srv = ProcessServer(path, dev, ["--mode", mode])
     try:
         for run in range(2):                    # quit and reconnect: traffic again
             rc, out = _testpmd(path, "svqtp%d" % run, packed=ring == "packed")
@@ -4134,6 +4136,8 @@ def test_dpdk_testpmd_through_shadow(tmpdir_short, ring):
                 run, tx[-1], rx[-1], out[-3000:] + srv.log())
         if ring == "packed":
             assert re.search(r"vq 0 size \d+ packed", srv.log()), srv.log()
+        else:
+            assert "device started, passthrough" in srv.log(), srv.log()
     finally:
         srv.stop()
 
