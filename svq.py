@@ -2392,9 +2392,10 @@ class ShadowVirtqueue:
         self.seq = 0                            # guest requests taken, for stop accounting
         self._hint = (1, 0, 0)                  # (gpa, end, iova - gpa): empty
         # Mirrored layout.  A chain is a tuple (mask, count, wlen, last_w,
-        # words, inner): the bit mask of its slots, its descriptor count,
-        # writable bytes, the GPA of its last writable byte (-1: none), and
-        # its log words (log_words(), found once per walk).  _busy is the
+        # words, inner, bufs): the bit mask of its slots, its descriptor
+        # count, writable bytes, the GPA of its last writable byte (-1:
+        # none), its log words (log_words(), found once per walk), and its
+        # buffers while a pcap capture runs (else None).  _busy is the
         # mask of the slots in flight; desc_chain and chain_seq, per head in
         # flight, its chain and its request number; _chains, per head, the
         # chain walked from _snap (None: not walked since the table changed).
@@ -2410,6 +2411,7 @@ class ShadowVirtqueue:
         self.broken = None
         self.stopping = False                   # quiesced: take no new guest requests
         self.injections = []                    # svq.py's own requests, waiting
+        self.pcap = None                        # (PcapWriter, "tx" or "rx") on a net queue
         self.stats = stats if stats is not None else SvqStats()
         self.log = self.wlog = None
         self.set_log(log, log_used_gpa)
@@ -2458,6 +2460,31 @@ class ShadowVirtqueue:
     def _commit_log(self):
         if self.log is not None:
             self.log.commit()
+
+    def set_pcap(self, writer, direction):
+        """Capture the frames of this net queue ("tx": the device-readable
+        bytes of each chain the device completed; "rx": the bytes it wrote)
+        into a PcapWriter, or stop (None).  Mirrored chains walked before
+        keep no buffers: they are walked again."""
+        self.pcap = (writer, direction) if writer is not None else None
+        self._snap = b""
+        self._chains[:] = self._no_chains
+
+    def _capture(self, bufs, length):
+        """The frame of a completed chain, its virtio-net header stripped."""
+        writer, direction = self.pcap
+        read = self.mem.read
+        if direction == "tx":
+            data = b"".join(read(a, n) for a, n, w in bufs if not w)
+        else:
+            parts = []
+            for a, n, w in bufs:
+                if w and length > 0:
+                    parts.append(read(a, min(n, length)))
+                    length -= n
+            data = b"".join(parts)
+        if len(data) > VIRTIO_NET_HDR_SIZE:
+            writer.frame(data[VIRTIO_NET_HDR_SIZE:])
 
     def _fail(self, side, idx, what):
         self.broken = "%s ring vq %d index %d: %s" % (side, self.index, idx, what)
@@ -2633,7 +2660,9 @@ class ShadowVirtqueue:
             return
         added = False
         while self.injections and self._add_bounced(INTERNAL, None, 0, None, self.injections[0]):
-            self.injections.pop(0)
+            data = self.injections.pop(0)
+            if self.pcap is not None:
+                self.pcap[0].frame(data[VIRTIO_NET_HDR_SIZE:])
             added = True
         if added:
             self.kick()
@@ -2650,6 +2679,7 @@ class ShadowVirtqueue:
         mask = count = wlen = 0
         words, inner = [], []
         last_w = -1
+        capture = [] if self.pcap is not None else None     # the buffers, to capture
         seen_write = False
         i = head
         while True:
@@ -2705,11 +2735,14 @@ class ShadowVirtqueue:
             # its NEXT and WRITE flags (a last one's next is never read).
             sdesc[2 * i] = addr + hint_delta
             sdesc[2 * i + 1] = word & _DESC_KEEP
+            if capture is not None:
+                capture.append((addr, length, flags & VRING_DESC_F_WRITE))
             if not flags & VRING_DESC_F_NEXT:
                 break
             i = word >> 48
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, last_w, tuple(words), tuple(inner))
+        chain = self._chains[head] = (mask, count, wlen, last_w, tuple(words), tuple(inner),
+                                      capture)
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -2793,6 +2826,8 @@ class ShadowVirtqueue:
                     words.extend(chain[4])
                     if chain[5]:
                         inner.extend(chain[5])
+                if chain[6] is not None:
+                    self._capture(chain[6], length)
                 busy ^= chain[0]
                 desc_chain[sid] = None
                 nfree += chain[1]
@@ -2917,6 +2952,8 @@ class ShadowVirtqueue:
             self._send_injections()
         if moved:
             self._call_guest()
+            if self.pcap is not None:
+                self.pcap[0].flush()
         return moved
 
     def _get_copied(self):
@@ -2938,6 +2975,8 @@ class ShadowVirtqueue:
                     if write:
                         mark(gpa, n)
             if gid != INTERNAL:
+                if self.pcap is not None:
+                    self._capture(bufs, length)
                 push(gid, length, ndescs)
                 moved += 1
         return moved
@@ -3047,6 +3086,74 @@ class SvqStats:
     def __init__(self):
         self.guest_kicks = self.device_kicks = self.device_calls = 0
         self.guest_calls = self.parked = self.walks = self.bounced = self.requests = 0
+
+
+# ============================================================================
+# pcap: the frames through net shadow queues, for tcpdump
+# ============================================================================
+
+LINKTYPE_ETHERNET = 1
+PCAP_SNAPLEN = 65535
+_PCAP_HDR = struct.Struct("<IHHiIII")      # magic, major, minor, thiszone, sigfigs, snaplen, network
+_PCAP_REC = struct.Struct("<IIII")         # ts_sec, ts_usec, incl_len, orig_len
+
+
+class PcapWriter:
+    """A pcap file (microsecond timestamps, LINKTYPE_ETHERNET) of every frame
+    the net shadow queues carry, both directions, the virtio-net header
+    stripped: what tcpdump -r reads.  "-" is standard output.  A write that
+    fails (the reader went away) ends the capture with one log line; the
+    queues go on."""
+
+    def __init__(self, path):
+        if path == "-":
+            if sys.stdout.isatty():
+                raise UsageError("--pcap -: standard output is a terminal; pipe it (| tcpdump -r -)")
+            self.f = sys.stdout.buffer
+        else:
+            try:
+                self.f = open(path, "wb")
+            except OSError as e:
+                raise UsageError("--pcap %s: %s" % (path, e.strerror)) from None
+        self.path = path
+        self.frames = 0
+        self._write(_PCAP_HDR.pack(0xa1b2c3d4, 2, 4, 0, 0, PCAP_SNAPLEN, LINKTYPE_ETHERNET))
+        self.flush()
+
+    def _write(self, data):
+        if self.f is None:
+            return
+        try:
+            self.f.write(data)
+        except (OSError, ValueError) as e:
+            self._stop(e)
+
+    def _stop(self, e):
+        _vlog("pcap %s: %s; capture stopped after %d frames"
+              % (self.path, getattr(e, "strerror", None) or e, self.frames))
+        self.f = None
+
+    def frame(self, data):
+        """One Ethernet frame (bytes), timestamped now."""
+        t = time.time()
+        sec = int(t)
+        n = len(data)
+        self._write(_PCAP_REC.pack(sec, int((t - sec) * 1e6), min(n, PCAP_SNAPLEN), n)
+                    + data[:PCAP_SNAPLEN])
+        self.frames += 1
+
+    def flush(self):
+        if self.f is not None:
+            try:
+                self.f.flush()
+            except OSError as e:
+                self._stop(e)
+
+    def close(self):
+        self.flush()
+        if self.f is not None and self.path != "-":
+            self.f.close()
+        self.f = None
 
 
 # ============================================================================
@@ -3378,7 +3485,7 @@ class NetDriver(Driver):
     # No budget (Driver's default): net drains every completion before it
     # refills.  A budget of 64 frames made its direct mode 6-9% slower.
     ETHERTYPE = 0x88B5                      # IEEE local experimental
-    HDR = struct.Struct("<6s6sHQIIH")       # dst, src, type, seq, run, crc, plen
+    HDR = struct.Struct(">6s6sHQIIH")       # dst, src, type, seq, run, crc, plen (network order)
     SRC_MAC = b"\x02\x53\x56\x51\x00\x01"
 
     def __init__(self, *a, **kw):
@@ -3704,7 +3811,8 @@ class BuiltinRun:
 
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
-                 ring_base=0, straddle=False, cpus=None, packed=False, opener=VhostVdpa):
+                 ring_base=0, straddle=False, cpus=None, packed=False, pcap=None,
+                 opener=VhostVdpa):
         self.path, self.direct = path, direct
         self.cpus = _check_cpus(cpus)           # (driver CPU, svq CPU) or None
         self.straddle = straddle
@@ -3715,6 +3823,8 @@ class BuiltinRun:
         self.svqs = []
         self.sdev = None
         self.packed = packed
+        self.pcap_path = pcap
+        self.pcap = None
         self.mem = None
         self.dev = None
         self.loop = None
@@ -3823,6 +3933,15 @@ class BuiltinRun:
                     guest_used_idx=base, shadow_base=base, stats=self.svq_stats,
                     guest_gpas=(dq.desc_gpa, dq.used_gpa) if self.packed else None))
         drv.attach(queues)
+        if self.pcap_path is not None:
+            if cls is not NetDriver:
+                raise UsageError("--pcap is for net devices")
+            if self.direct:
+                raise UsageError("--pcap needs the shadow queues (the frames of --direct never "
+                                 "pass through svq.py)")
+            self.pcap = PcapWriter(self.pcap_path)
+            for svq, direction in zip(self.svqs, ("rx", "tx")):
+                svq.set_pcap(self.pcap, direction)
         self.nq = nq                    # run() starts them (DRIVER_OK), after the fork
 
     # -- running --
@@ -4074,6 +4193,7 @@ class BuiltinRun:
             "device_features": feature_names(self.device_features, _type_names(self.dev.device_id)),
             "guest_features": feature_names(self.guest_features, _type_names(self.dev.device_id)),
             "config": self.config, "run_id": self.run_id,
+            "pcap_frames": self.pcap.frames if self.pcap is not None else None,
         }
         if isinstance(self.driver, BlkDriver):
             out.update(write=self.driver.write, request_size=self.driver.size,
@@ -4092,6 +4212,8 @@ class BuiltinRun:
         if self.sdev is not None:
             self.sdev.teardown()    # the shadow rings' views, eventfds, memory
             self.sdev = None
+        if self.pcap is not None:
+            self.pcap.close()
         for fd in self.fds:
             os.close(fd)
         self.fds = []
@@ -5784,6 +5906,8 @@ class VhostUserConnection:
             guest_state=v.base if packed else None, guest_gpas=gpas)
         self.loop.add_reader(v.kick, self._guard(v, svq.handle_guest_kick))
         self.loop.add_reader(svq.device_call_fd, self._guard(v, svq.handle_device_call))
+        if self.server.pcap is not None:
+            svq.set_pcap(self.server.pcap, "tx" if v.index % 2 else "rx")
 
     def _gpa(self, uaddr):
         r = self.mem.region_by_uaddr(uaddr, 1)
@@ -5958,12 +6082,19 @@ class VhostUserServer:
     worker process of its own; else in this process (a library, the tests)."""
 
     def __init__(self, device, socket_path, client=False, verbose=False, opener=VhostVdpa,
-                 isolate=False, mac=None, sock_fd=None, sock_from=None, mode="auto"):
+                 isolate=False, mac=None, sock_fd=None, sock_from=None, mode="auto", pcap=None):
         self.device, self.path, self.client = device, socket_path, client
         self.verbose, self.opener, self.isolate = verbose, opener, isolate
         if mode not in ("auto", "shadow", "passthrough"):
             raise UsageError("--mode %s: auto, shadow or passthrough" % mode)
+        if pcap is not None and mode == "passthrough":
+            raise UsageError("--pcap needs the shadow queues: in passthrough no frame passes "
+                             "through svq.py")
+        if pcap is not None and mode == "auto":
+            mode = "shadow"         # frames are seen only through shadow queues
         self.mode = mode
+        self.pcap = None
+        self.pcap_path = pcap
         self.conn = None
         self.worker = None          # pid of the connection's worker process
         self.listener = None
@@ -6033,8 +6164,13 @@ class VhostUserServer:
                 self.mac = self._net_mac(probe, mac)
             elif mac is not None:
                 raise UsageError("--mac is for net devices")
+            elif pcap is not None:
+                raise UsageError("--pcap is for net devices")
         finally:
             probe.close()
+        if pcap is not None:
+            # The header now; each connection's worker appends the frames.
+            self.pcap = PcapWriter(pcap)
         if sock_fd is not None or not client:
             try:
                 if sock_fd is not None:
@@ -6327,6 +6463,8 @@ class VhostUserServer:
                     os.unlink(self.path)
             except OSError:
                 pass
+        if self.pcap is not None and not self.worker_mode:
+            self.pcap.close()
         self.loop.close()
 
 
@@ -6373,7 +6511,7 @@ def cmd_serve(args):
         raise UsageError("--fd %d: not a file descriptor" % fd)
     server = VhostUserServer(args.device, args.socket, client=args.client, verbose=args.verbose,
                              isolate=True, mac=args.mac, sock_fd=fd, sock_from=origin,
-                             mode=args.mode)
+                             mode=args.mode, pcap=args.pcap)
     try:
         sig = server.run()
     except BaseException:           # a signal before the loop took them over
@@ -6396,6 +6534,9 @@ def add_serve_parser(sub):
     s.add_argument("--client", action="store_true",
                    help="connect to a frontend listening on --socket instead of listening")
     s.add_argument("--mac", type=_mac, help="net: set the device's MAC first (the guest's)")
+    s.add_argument("--pcap", metavar="FILE",
+                   help="net: write every frame through the shadow queues to a pcap file "
+                        "(- for standard output: | tcpdump -r -); implies --mode shadow")
     s.add_argument("--mode", choices=("auto", "shadow", "passthrough"), default="auto",
                    help="auto (default): the device uses the frontend's rings (passthrough) "
                         "and shadow virtqueues take over while the frontend logs dirty pages "
@@ -6464,6 +6605,9 @@ def build_parser():
     r.add_argument("--no-event-idx", action="store_true", help="driver: do not use event index")
     r.add_argument("--ring-base", type=int, default=0, metavar="N",
                    help="start every ring index at N (0-65535), to cross the 16-bit wrap early")
+    r.add_argument("--pcap", metavar="FILE",
+                   help="net: write every frame through the shadow queues, both ways, to a pcap "
+                        "file (- for standard output: | tcpdump -r -)")
     r.add_argument("--packed", action="store_true",
                    help="driver: use a packed ring (shadow mode carries it to the device's "
                         "split ring)")
@@ -6538,6 +6682,7 @@ def cmd_run(args):
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
                      ring_base=args.ring_base, straddle=args.straddle, packed=args.packed,
+                     pcap=args.pcap,
                      cpus=args.cpus, progress=progress)
     try:
         run.run()
@@ -6550,7 +6695,9 @@ def cmd_run(args):
         sys.stderr.write("\r\x1b[K")
     if sig is not None:
         summary["interrupted"] = signal.Signals(sig).name
-    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    # With --pcap -, standard output carries the capture: the summary goes to stderr.
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary),
+          file=sys.stderr if args.pcap == "-" else sys.stdout)
     if sig is not None:
         return 128 + sig
     return 0 if summary["errors"] == 0 else 1

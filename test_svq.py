@@ -1011,6 +1011,66 @@ def test_builtin_run_against_mock(kind, direct, straddle, packed, event_idx):
             assert 0 < s["chain_walks"] <= s["requests"] * 2
 
 
+def read_pcap(path_or_bytes):
+    """(linktype, [(ts, frame bytes)]) of a pcap file."""
+    raw = path_or_bytes if isinstance(path_or_bytes, bytes) else open(path_or_bytes, "rb").read()
+    magic, major, minor, _, _, snaplen, link = struct.unpack_from("<IHHiIII", raw)
+    assert (magic, major, minor, snaplen) == (0xa1b2c3d4, 2, 4, 65535)
+    out, off = [], 24
+    while off < len(raw):
+        sec, usec, incl, orig = struct.unpack_from("<IIII", raw, off)
+        assert incl == orig and usec < 1000000
+        out.append((sec + usec / 1e6, raw[off + 16:off + 16 + incl]))
+        off += 16 + incl
+    assert off == len(raw)
+    return link, out
+
+
+@pytest.mark.parametrize("mode", ["mirrored", "copied", "packed"])
+def test_run_pcap_has_every_frame_both_ways(tmp_path, mode):
+    """--pcap: each frame the built-in driver sends appears twice (TX to the
+    device, then RX back from vdpa_sim-like loopback), as Ethernet frames
+    without the virtio-net header, in a file tcpdump reads."""
+    path = str(tmp_path / "run.pcap")
+    op = mockvdpa.opener("net")
+    run = svq.BuiltinRun("/dev/mock", count=300, seconds=None, opener=op, queue_size=64,
+                         straddle=mode == "copied", packed=mode == "packed", pcap=path)
+    t0 = time.time()
+    try:
+        run.run()
+        s = run.summary()
+    finally:
+        run.close()
+    assert s["errors"] == 0, s["error_messages"]
+    link, frames = read_pcap(path)
+    assert link == 1 and len(frames) == s["pcap_frames"] == 2 * s["requests"]
+    seqs = {}
+    for ts, f in frames:
+        assert t0 - 1 <= ts <= time.time() + 1
+        dst, src, etype, seq = struct.unpack_from(">6s6sHQ", f)
+        assert etype == svq.NetDriver.ETHERTYPE and src == svq.NetDriver.SRC_MAC
+        seqs[f] = seqs.get(f, 0) + 1
+    assert set(seqs.values()) == {2}, "every frame seen going out and coming back"
+    if shutil.which("tcpdump"):
+        p = subprocess.run(["tcpdump", "-nn", "-e", "-r", path], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True)
+        heads = [ln for ln in p.stdout.splitlines() if not ln.startswith("\t")]   # not hex dumps
+        assert p.returncode == 0 and len(heads) == len(frames), p.stderr
+        assert "ethertype Unknown (0x88b5)" in p.stdout
+
+
+def test_pcap_errors_are_one_line(tmp_path):
+    with pytest.raises(svq.UsageError, match="for net devices"):
+        svq.BuiltinRun("/dev/mock", pcap=str(tmp_path / "x"), opener=mockvdpa.opener("blk"))
+    with pytest.raises(svq.UsageError, match="needs the shadow queues"):
+        svq.BuiltinRun("/dev/mock", direct=True, pcap=str(tmp_path / "x"),
+                       opener=mockvdpa.opener("net"))
+    assert "No such file" in one_line_error(run_cli("run", "/dev/x", "--pcap", "/no/such/dir/f"))
+    with pytest.raises(svq.UsageError, match="needs the shadow queues"):
+        svq.VhostUserServer("mock", str(tmp_path / "s"), opener=mockvdpa.opener("net"),
+                            mode="passthrough", pcap=str(tmp_path / "x"))
+
+
 def test_builtin_run_with_indirect_and_ring_base_near_wrap():
     op = mockvdpa.opener("blk")
     run = svq.BuiltinRun("/dev/mock", count=600, seconds=None, write=True, opener=op,
@@ -1340,6 +1400,24 @@ def test_traffic_is_clean(var, mode):
     if mode == "shadow-pinned":
         assert s["cpus"] == {"pinned": True, "driver": [cpus[0]], "svq": [cpus[1]]}
     assert device_status(device(var)) == ["RESET"]
+
+
+@pytest.mark.vdpa
+def test_run_pcap_piped_to_tcpdump():
+    """`svq.py run NET --pcap - | tcpdump -r -`: tcpdump reads every frame,
+    out and back; the summary goes to stderr."""
+    path = device("SVQ_NET_DEV")
+    p = subprocess.Popen(SVQ + ["run", path, "--count", "200", "--pcap", "-", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    t = subprocess.run(["tcpdump", "-nn", "-e", "-r", "-"], stdin=p.stdout, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 0, err
+    s = json.loads(err)
+    heads = [ln for ln in t.stdout.splitlines() if not ln.startswith("\t")]
+    assert t.returncode == 0 and len(heads) == s["pcap_frames"] == 2 * s["requests"], t.stderr
+    assert all("ethertype Unknown (0x88b5)" in ln for ln in heads)
 
 
 @pytest.mark.vdpa
@@ -2576,8 +2654,8 @@ def used_pages(fe):
 # ---------------------------------------------------------------------------
 
 class ThreadServer:
-    def __init__(self, path, opener, mode="auto"):
-        self.srv = svq.VhostUserServer("mock", path, opener=opener, mode=mode)
+    def __init__(self, path, opener, mode="auto", **kw):
+        self.srv = svq.VhostUserServer("mock", path, opener=opener, mode=mode, **kw)
         self.thread = threading.Thread(target=self.srv.run, daemon=True)
         self.thread.start()
 
@@ -3108,6 +3186,16 @@ class NetFrontend(Frontend):
         for i in range(2):
             self.call_msg(svq.VHOST_USER_SET_VRING_ENABLE, STATE.pack(i, 1), ack=True)
 
+    def set_logging(self, on):
+        if on and self.log is None:
+            self.set_log_base()
+        self.call_msg(svq.VHOST_USER_SET_FEATURES,
+                      U64.pack(self.acked | (1 << svq.VHOST_F_LOG_ALL if on else 0)), ack=True)
+        for i, vq in enumerate(self.vqs):
+            self.call_msg(svq.VHOST_USER_SET_VRING_ADDR, struct.pack(
+                "<IIQQQQ", i, 1 if on else 0, self.uaddr(vq.desc_gpa), self.uaddr(vq.used_gpa),
+                self.uaddr(vq.avail_gpa), vq.used_gpa), ack=True)
+
     def close(self):
         for vq in self.vqs[1:]:
             vq.release()
@@ -3164,6 +3252,110 @@ def test_send_rarp_announces_the_guest_on_the_tx_queue(tmpdir_short, mode):
             assert srv.srv.conn.phase == "passthrough" and srv.srv.conn.switches == 2
         else:
             assert srv.srv.conn.vrings[1].svq.in_flight == 0
+    finally:
+        fe.close()
+        srv.stop()
+
+
+def test_serve_pcap_has_the_frames_both_ways_and_the_rarp(tmpdir_short):
+    path = os.path.join(tmpdir_short, "vu.sock")
+    cap = os.path.join(tmpdir_short, "serve.pcap")
+    srv = ThreadServer(path, mockvdpa.opener("net"), pcap=cap)
+    assert srv.srv.mode == "shadow"             # --pcap: the frames pass through svq.py
+    fe = NetFrontend()
+    sent = []
+    try:
+        fe.connect(path)
+        fe.handshake()
+        rx, tx = fe.vqs
+        for i in range(8):
+            assert rx.add([(fe.buf_gpa + i * 2048, 2048, True)], i)
+        rx.kick()
+        for i in range(6):
+            frame = bytes.fromhex("525400123456") + bytes.fromhex("02aabbccddee") + \
+                struct.pack(">HI", 0x88b5, i) + bytes(50)
+            sent.append(frame)
+            gpa = fe.buf_gpa + 32 * PAGE + i * 256
+            fe.mem.write(gpa, bytes(12) + frame)
+            assert tx.add([(gpa, 12, False), (gpa + 12, len(frame), False)], i)
+        tx.kick()
+        fe.call_msg(svq.VHOST_USER_SEND_RARP, bytes.fromhex("5254001234560000"), ack=True)
+        end = time.monotonic() + 10
+        while time.monotonic() < end and len(read_pcap(cap)[1]) < 14:
+            time.sleep(0.05)
+    finally:
+        fe.close()
+        srv.stop()
+    link, frames = read_pcap(cap)
+    data = [f for _, f in frames]
+    assert link == 1 and len(data) == 14, len(data)
+    assert sorted(data.count(f) for f in sent) == [2] * 6        # out on TX, back on RX
+    assert sum(1 for f in data if f[12:14] == b"\x80\x35") == 2   # the RARP, both ways
+
+
+@pytest.mark.parametrize("var", ["mock", pytest.param("SVQ_NET_DEV", marks=pytest.mark.vdpa)])
+def test_auto_mode_switches_net_under_traffic(tmpdir_short, var):
+    """Net through serve --mode auto, logging toggled between bursts: every
+    frame sent comes back once and intact (RX buffers reposted as they come
+    back, more of them than frames in flight), and while logging, the RX
+    buffers the device wrote are logged."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    if var == "mock":
+        srv = ThreadServer(path, mockvdpa.opener("net"))
+    else:
+        dev = os.environ.get(var)
+        if not dev:
+            pytest.skip("%s not set (run in the VM rig)" % var)
+        srv = ProcessServer(path, dev)
+    fe = NetFrontend()
+    switches = int(os.environ.get("SVQ_SWITCHES", "20"))
+    try:
+        fe.connect(path)
+        fe.handshake()
+        rx, tx = fe.vqs
+        for i in range(32):
+            assert rx.add([(fe.buf_gpa + i * 2048, 2048, True)], i)
+        rx.kick()
+        seq = 0
+        for k in range(switches + 1):
+            on = k % 2 == 1
+            if k:
+                fe.set_logging(on)
+                fe.log.clear()
+            frames = {}
+            for j in range(8):
+                frame = bytes.fromhex("525400123456") + bytes.fromhex("02aabbccddee") + \
+                    struct.pack(">HI", 0x88b5, seq) + bytes((seq + b) & 0xff for b in range(40))
+                frames[seq] = frame
+                gpa = fe.buf_gpa + 32 * PAGE + j * 256
+                fe.mem.write(gpa, bytes(12) + frame)
+                assert tx.add([(gpa, 12, False), (gpa + 12, len(frame), False)], seq)
+                seq += 1
+            tx.kick()
+            got, pages, end = {}, set(), time.monotonic() + 30
+            while len(got) < len(frames) and time.monotonic() < end:
+                u = rx.get_used()
+                if u is None:
+                    rx.enable_cb()
+                    time.sleep(0.005)
+                    continue
+                i, length = u
+                data = fe.mem.read(fe.buf_gpa + i * 2048 + 12, length - 12)
+                s = struct.unpack_from(">I", data, 14)[0]
+                assert s in frames and s not in got and data == frames[s], (k, s)
+                got[s] = data
+                pages.add((fe.buf_gpa + i * 2048) >> 12)
+                assert rx.add([(fe.buf_gpa + i * 2048, 2048, True)], i)
+                rx.kick()
+            assert sorted(got) == sorted(frames), "switch %d: %d of 8 frames came back" % (k, len(got))
+            while tx.get_used() is not None:
+                pass
+            if on:
+                assert pages <= set(fe.log.pages()), "RX pages unlogged at switch %d" % k
+        if isinstance(srv, ThreadServer):
+            assert srv.srv.conn.switches == switches
+        else:
+            assert srv.log().count("switched to") == switches, srv.log()[-2000:]
     finally:
         fe.close()
         srv.stop()
@@ -4125,7 +4317,8 @@ def test_dpdk_testpmd_through_serve(tmpdir_short, ring, mode):
     if not dev or not shutil.which("dpdk-testpmd"):
         pytest.skip("SVQ_NET_DEV or dpdk-testpmd missing (run in the VM rig)")
     path = os.path.join(tmpdir_short, "net.sock")
-    srv = ProcessServer(path, dev, ["--mode", mode])
+    cap = os.path.join(tmpdir_short, "serve.pcap")
+    srv = ProcessServer(path, dev, ["--mode", mode] + (["--pcap", cap] if mode == "shadow" else []))
     try:
         for run in range(2):                    # quit and reconnect: traffic again
             rc, out = _testpmd(path, "svqtp%d" % run, packed=ring == "packed")
@@ -4136,6 +4329,12 @@ def test_dpdk_testpmd_through_serve(tmpdir_short, ring, mode):
                 run, tx[-1], rx[-1], out[-3000:] + srv.log())
         if ring == "packed":
             assert re.search(r"vq 0 size \d+ packed", srv.log()), srv.log()
+            # Every frame both ways in the capture, as tcpdump reads it.
+            p = subprocess.run(["tcpdump", "-nn", "-e", "-r", cap], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, universal_newlines=True)
+            heads = [ln for ln in p.stdout.splitlines() if not ln.startswith("\t")]
+            to_dev = [ln for ln in heads if "> 52:54:00:12:34:56" in ln]
+            assert p.returncode == 0 and len(to_dev) == len(heads) >= 4 * tx[-1], p.stderr
         else:
             assert "device started, passthrough" in srv.log(), srv.log()
     finally:
