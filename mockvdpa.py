@@ -27,7 +27,8 @@ _USED = struct.Struct("<II")
 class MockVhostVdpa:
     def __init__(self, kind="net", queue_max=256, mac=b"\x52\x54\x00\x12\x34\x56",
                  event_idx=False, no_notify=False, disk_bytes=8 << 20,
-                 iova_range=(0, (1 << 64) - 1), features_extra=0, refuse_features_ok=False):
+                 iova_range=(0, (1 << 64) - 1), features_extra=0, refuse_features_ok=False,
+                 suspend=True, kick_lag=0.0):
         self.kind = kind
         self.fd = 99
         self.queue_max = queue_max
@@ -75,6 +76,13 @@ class MockVhostVdpa:
         self.delays = {}
         self.held = []
         self.short_len = False              # report 1 byte written, whatever was
+        # A device without VHOST_BACKEND_F_SUSPEND/RESUME, and one that runs
+        # its kick handler `kick_lag` seconds after the kick, as a VDUSE
+        # daemon does when it gets to it; a kick it has seen is served before
+        # a reset is acknowledged (libvduse drains its queues first).
+        self.can_suspend = suspend
+        self.kick_lag = kick_lag
+        self.lagged = {}                    # vq -> when its kick handler runs
 
     # -- ioctl surface of svq.VhostVdpa --
     def _need_owner(self, op):
@@ -104,8 +112,10 @@ class MockVhostVdpa:
         self.features = f
 
     def get_backend_features(self):
-        return (1 << svq.VHOST_BACKEND_F_IOTLB_MSG_V2) | (1 << svq.VHOST_BACKEND_F_IOTLB_BATCH) | \
-            (1 << svq.VHOST_BACKEND_F_SUSPEND) | (1 << svq.VHOST_BACKEND_F_RESUME)
+        f = (1 << svq.VHOST_BACKEND_F_IOTLB_MSG_V2) | (1 << svq.VHOST_BACKEND_F_IOTLB_BATCH)
+        if self.can_suspend:
+            f |= (1 << svq.VHOST_BACKEND_F_SUSPEND) | (1 << svq.VHOST_BACKEND_F_RESUME)
+        return f
 
     def set_backend_features(self, f):
         self.backend_features = f
@@ -115,7 +125,7 @@ class MockVhostVdpa:
 
     def set_status(self, s):
         if s == 0:
-            self.stop_thread()
+            self.stop_thread(reset=True)
             self.held = []
             for q in self.vqs:
                 q.update(ready=False, last_avail=0, used_idx=0)
@@ -191,6 +201,8 @@ class MockVhostVdpa:
         self._vq(vq, "VHOST_VDPA_SET_VRING_ENABLE")["ready"] = bool(enable)
 
     def suspend(self):
+        if not self.can_suspend:
+            raise svq.DeviceError("VHOST_VDPA_SUSPEND", errno.EOPNOTSUPP)
         self.stop_thread()
 
     def resume(self):
@@ -430,10 +442,11 @@ class MockVhostVdpa:
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
-    def stop_thread(self):
+    def stop_thread(self, reset=False):
         if self.thread is None:
+            self.lagged.clear()
             return
-        os.write(self.stop_w, b"x")
+        os.write(self.stop_w, b"r" if reset else b"x")
         self.thread.join()
         for fd in (self.stop_r, self.stop_w):
             os.close(fd)
@@ -449,27 +462,40 @@ class MockVhostVdpa:
         for fd, vqs in kicks.items():
             sel.register(fd, selectors.EVENT_READ, vqs)
         self.error = None
+        lagged = self.lagged                # (kicks seen survive a new kick fd)
         try:
             while True:
-                due = min((h[0] for h in self.held), default=None)
+                due = min([h[0] for h in self.held] + list(lagged.values()), default=None)
                 events = sel.select(None if due is None else max(0, due - time.monotonic()))
                 if self.held:
                     self.complete_held()
+                now = time.monotonic()
+                ready = [vq for vq, t in lagged.items() if t <= now]
                 for key, _ in events:
                     if key.data is None:
-                        return
-                    try:
-                        os.read(key.fd, 8)
-                    except BlockingIOError:
-                        pass
-                    try:
+                        if os.read(self.stop_r, 1) == b"r":
+                            ready = list(lagged)    # served before the reset
+                    else:
+                        try:
+                            os.read(key.fd, 8)
+                        except BlockingIOError:
+                            pass
                         for vq in key.data:
-                            self.process(vq)
-                            if self.kind == "net" and vq == 0:
-                                self.process(1)
-                    except IOError as e:        # a device that sees a bad ring stops
-                        self.error = str(e)
-                        return
+                            if self.kick_lag:
+                                lagged.setdefault(vq, now + self.kick_lag)
+                            else:
+                                ready.append(vq)
+                try:
+                    for vq in ready:
+                        lagged.pop(vq, None)
+                        self.process(vq)
+                        if self.kind == "net" and vq == 0:
+                            self.process(1)
+                except IOError as e:            # a device that sees a bad ring stops
+                    self.error = str(e)
+                    return
+                if any(key.data is None for key, _ in events):
+                    return
         finally:
             sel.close()
 

@@ -5758,7 +5758,10 @@ class VhostUserConnection:
                 _vlog("switching in place: %s; resetting instead" % e)
                 suspended = False
         if not suspended:
+            from_passthrough = self.phase == "passthrough"
             dev.reset()
+            if from_passthrough:
+                self._rebase_after_reset()
             self._teardown_phase(keep_maps=False)
             self.device_features = dev.negotiate(self._device_wanted())
             map_guest_memory(dev, self.mem)
@@ -5807,6 +5810,29 @@ class VhostUserConnection:
                 state = ((state >> 16) * 0x10001 if packed else self._guest_used_idx(v))
             v.base = state
         return suspended
+
+    def _rebase_after_reset(self):
+        """A passthrough device that could not be suspended has been reset:
+        where its rings stood before the reset cannot be trusted.  A device
+        that takes requests on a kick it saw before the kicks went to our
+        eventfd (a VDUSE daemon runs its kick handler when it gets to it)
+        may have taken and completed more after the last GET_VRING_BASE, and
+        its reset completes or drops whatever it holds (libvduse drains its
+        requests before it acknowledges the reset; vdpa_sim's work is done
+        under the reset's lock).  So a split ring restarts at the guest's
+        used index, read after the reset: every completed request is there,
+        and one the device dropped is taken again, as QEMU does when it
+        cannot trust the device's state (vhost_vdpa_get_vring_base).  A
+        packed ring keeps the device's state (no rig device offers packed)."""
+        if self._guest_features() >> VIRTIO_F_RING_PACKED & 1:
+            return
+        for v in self.vrings:
+            used = self._guest_used_idx(v)
+            if used != v.base:
+                _vlog("vq %d: at the reset the guest's used index is %#x, not %#x: the "
+                      "device took more before it stopped; the shadow starts there"
+                      % (v.index, used, v.base))
+            v.base = used
 
     def _guest_used_idx(self, v):
         flags, desc, used, avail, log = v.addr
