@@ -1723,8 +1723,11 @@ class SplitDriver:
 class PackedDriver:
     """The driver side of a packed ring (the built-in driver's --packed).
     Each chain takes consecutive descriptors in ring order and a buffer id
-    from a private list; its first descriptor is made available last, after
-    a write barrier, so the device never sees half a chain."""
+    from a private list; its first descriptor's flags, the ones that make it
+    available, are stored by kick(), after a write barrier, so the device
+    never sees half a chain, and sees a batch when it is notified of it (as
+    a split ring's avail index is published at the kick): a device that
+    polls never finds work the driver has not announced yet."""
 
     def __init__(self, index, ring, event_idx, kick_fd, call_fd, base=None, indirect=None,
                  side="driver"):
@@ -1745,6 +1748,7 @@ class PackedDriver:
         self.tokens = [None] * num
         self.chain_len = [0] * num
         self.added = 0                  # descriptors made available since the last kick
+        self.heads = []                 # (position, flags) of chains added, not published
         self.kicks = 0
         self.in_flight = 0
         ring.driver16[0] = ring.driver16[1] = 0
@@ -1792,9 +1796,7 @@ class PackedDriver:
             pos += 1
             if pos == num:
                 pos, wrap = 0, wrap ^ 1
-        # Write barrier: the chain's other descriptors before its first flags.
-        smp_wmb()
-        d16[8 * first + 7] = first_flags
+        self.heads.append((first, first_flags))
         self.next_avail, self.avail_wrap = pos, wrap
         self.num_free -= need
         self.tokens[bid] = token
@@ -1803,9 +1805,27 @@ class PackedDriver:
         self.in_flight += 1
         return True
 
+    def publish(self):
+        """Make the chains added since the last publish available."""
+        heads = self.heads
+        if not heads:
+            return
+        d16 = self.ring.desc16
+        # Write barrier: the chains' other descriptors before their first
+        # flags; the first chain's flags last, after another, so a device
+        # reading in ring order sees the batch whole.
+        smp_wmb()
+        for pos, flags in heads[:0:-1]:
+            d16[8 * pos + 7] = flags
+        if len(heads) > 1:
+            smp_wmb()
+        d16[8 * heads[0][0] + 7] = heads[0][1]
+        self.heads = []
+
     def kick(self):
         if not self.added:
             return False
+        self.publish()
         count, self.added = self.added, 0
         # Full barrier: the flags stores before reading the device's event area.
         smp_mb()

@@ -3662,7 +3662,9 @@ def census():
     return len(os.listdir("/proc/self/fd")), maps, threading.active_count()
 
 
-def wait_idle(srv, timeout=5):
+def wait_idle(srv, timeout=svq.VU_DRAIN_SECONDS + 5):
+    # A stop may wait VU_DRAIN_SECONDS for requests the device took (a fuzz
+    # case can leave one the mock never completes) before the close.
     deadline = time.monotonic() + timeout
     while srv.srv.conn is not None and time.monotonic() < deadline:
         time.sleep(0.01)
