@@ -1468,6 +1468,19 @@ class PackedRing:
         return driver_off + PAGE_SIZE, 0, driver_off, driver_off + 4
 
 
+def packed_store_flags(d16, entries):
+    """Store the flags of a batch of packed descriptors, [(position, flags)],
+    whose other fields are written: after a write barrier, the first
+    entry's flags last (after another), so a peer reading in ring order sees
+    the batch whole (as QEMU's virtqueue_packed_flush does)."""
+    smp_wmb()
+    for pos, flags in entries[1:]:
+        d16[8 * pos + 7] = flags
+    if len(entries) > 1:
+        smp_wmb()
+    d16[8 * entries[0][0] + 7] = entries[0][1]
+
+
 def packed_need_event(off_wrap, new, wrap, count, num):
     """Does a peer whose event suppression word is `off_wrap` (offset, wrap
     counter in bit 15) want to hear of `count` descriptors made available
@@ -1807,20 +1820,9 @@ class PackedDriver:
 
     def publish(self):
         """Make the chains added since the last publish available."""
-        heads = self.heads
-        if not heads:
-            return
-        d16 = self.ring.desc16
-        # Write barrier: the chains' other descriptors before their first
-        # flags; the first chain's flags last, after another, so a device
-        # reading in ring order sees the batch whole.
-        smp_wmb()
-        for pos, flags in heads[:0:-1]:
-            d16[8 * pos + 7] = flags
-        if len(heads) > 1:
-            smp_wmb()
-        d16[8 * heads[0][0] + 7] = heads[0][1]
-        self.heads = []
+        if self.heads:
+            packed_store_flags(self.ring.desc16, self.heads)
+            self.heads = []
 
     def kick(self):
         if not self.added:
@@ -2235,16 +2237,7 @@ class PackedGuest:
         p = self.pending
         if not p:
             return False
-        d16 = self.ring.desc16
-        # Write barrier: ids and lengths before the flags; the first entry's
-        # flags last (after another barrier), so the driver sees the batch
-        # whole, as QEMU's virtqueue_packed_flush does.
-        smp_wmb()
-        for pos, flags in p[1:]:
-            d16[8 * pos + 7] = flags
-        if len(p) > 1:
-            smp_wmb()
-        d16[8 * p[0][0] + 7] = p[0][1]
+        packed_store_flags(self.ring.desc16, p)      # ids and lengths before the flags
         if self.log_ring:
             for pos, _ in p:
                 self.svq.log.mark(self.desc_gpa + 16 * pos, 16)
