@@ -7,7 +7,7 @@ VM_RUN = $(PYTHON) vm/run
 
 export PYTHON
 
-.PHONY: all setup test unit vmtest initramfs-test demo bench smoke fuzz clean distclean
+.PHONY: all setup test unit vmtest initramfs-test demo migrate-demo bench smoke fuzz clean distclean
 
 all: test
 
@@ -41,6 +41,11 @@ fuzz:
 # svq.py on a vdpa_sim net device, for a machine with no vDPA device.
 demo: setup
 	$(VM_RUN) sh -c 'exec $(PYTHON) svq.py "$$SVQ_NET_DEV"'
+
+# A nested Linux guest on QEMU live-migrated through svq.py serve, then the
+# same guest on QEMU's emulated virtio-blk: migration figures side by side.
+migrate-demo: setup
+	SVQ_VM_TIMEOUT=1200 $(VM_RUN) $(PYTHON) vm/migrate-demo
 
 # Benchmarks: the copier and import time here, direct against shadow on the
 # three devices in one VM run; prints the table, writes .cache/bench/*.json.
