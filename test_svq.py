@@ -4794,12 +4794,11 @@ def _vhost_vdpa_node(name, limit=30):
 
 
 @contextlib.contextmanager
-def _second_net_device(name="vdpa9"):
-    """One more vdpa_sim_net with the guest's MAC (vdpa_sim_net loops back
-    only frames to its MAC, broadcast or multicast): a migration
-    destination's NIC.  Yields its /dev/vhost-vdpa-N."""
+def _second_vdpa_sim(name, mgmtdev, *attrs):
+    """One more vdpa_sim device (`svq.py dev add name NAME mgmtdev MGMTDEV
+    ATTRS...`): a migration destination's.  Yields its /dev/vhost-vdpa-N."""
     svq_py = [sys.executable, os.path.join(HERE, "svq.py")]
-    subprocess.run(svq_py + ["dev", "add", "name", name, "mgmtdev", "vdpasim_net", "mac", GUEST_MAC],
+    subprocess.run(svq_py + ["dev", "add", "name", name, "mgmtdev", mgmtdev] + list(attrs),
                    check=True)
     try:
         yield _vhost_vdpa_node(name)
@@ -4997,7 +4996,9 @@ def test_nested_qemu_blk_stop_cont_and_live_migration(tmpdir_short):
             _save_logs("nested-blk", guests, servers)
 
 
-# The net guest's loop: IPv6 off before the link comes up (no router or
+# The net guest (it also has a vdpa_sim_blk disk, written and read back
+# once at boot: a second vhost-user backend on QEMU's one dirty log while it
+# migrates).  Its loop: IPv6 off before the link comes up (no router or
 # multicast chatter), then rounds of 4 broadcast ARP requests, which
 # vdpa_sim_net loops back into the guest's RX queue.  Each round prints the
 # interface's totals: rx == tx while only the guest sends; every RARP
@@ -5007,8 +5008,12 @@ _NESTED_NET_INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 echo "NESTED INIT"
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-insmod /failover.ko; insmod /net_failover.ko; insmod /virtio_net.ko
-while [ ! -e /sys/class/net/eth0 ]; do sleep 0.2; done
+insmod /failover.ko; insmod /net_failover.ko; insmod /virtio_net.ko; insmod /virtio_blk.ko
+while [ ! -e /sys/class/net/eth0 ] || [ ! -b /dev/vda ]; do sleep 0.2; done
+dd if=/data/d0 of=/dev/vda bs=1M count=1 oflag=direct conv=fsync 2>/dev/null
+echo 3 >/proc/sys/vm/drop_caches
+got=$(dd if=/dev/vda bs=1M count=1 2>/dev/null | md5sum)
+if [ "$got" = "$(cat /data/m0)" ]; then echo "BLK OK"; else echo "BLK BAD"; fi
 echo 1 >/proc/sys/net/ipv6/conf/all/disable_ipv6
 echo 1 >/proc/sys/net/ipv6/conf/default/disable_ipv6
 echo 1 >/proc/sys/net/ipv6/conf/eth0/disable_ipv6
@@ -5039,52 +5044,73 @@ def _pcap_rarps(path, mac):
 
 
 @pytest.mark.vdpa
-def test_nested_qemu_net_live_migration_with_rarp(tmpdir_short):
+def test_nested_qemu_net_and_blk_live_migration_with_rarp(tmpdir_short):
     """QEMU 7.2's -netdev vhost-user + virtio-net-pci (vectors=0: MSI-X under
     TCG crashes QEMU 7.2, FACTS.md) on serve (auto mode) on vdpa_sim_net,
-    with a Linux guest sending broadcast ARP that the device loops back: a
-    live migration to a second QEMU on a second serve over a second
-    vdpa_sim_net with the guest's MAC.  Every frame comes back before and
-    after, and the destination's serve announces the guest (QEMU's
-    SEND_RARP) on the device's TX queue, from where the device loops it back
-    into the guest: the guest counts it, and tcpdump reads it from serve's
-    capture."""
-    dev = os.environ.get("SVQ_NET_DEV")
-    if not dev or not shutil.which("qemu-system-x86_64") or not shutil.which("tcpdump"):
-        pytest.skip("needs SVQ_NET_DEV, qemu-system-x86_64 and tcpdump (the VM rig)")
+    and a vhost-user-blk-pci disk on a second serve on vdpa_sim_blk, with a
+    Linux guest that checks its disk once and sends broadcast ARP that the
+    net device loops back: a QMP stop/cont, then a live migration to a
+    second QEMU on two more serves (a second vdpa_sim_net with the guest's
+    MAC, a second vdpa_sim_blk: its RAM disk is not the first's, but the
+    guest no longer reads it).  Both source serves log into QEMU's one log.
+    Every frame comes back before and after, and the destination's serve
+    announces the guest (QEMU's SEND_RARP) on the device's TX queue, from
+    where the device loops it back into the guest: the guest counts it, and
+    tcpdump reads it from serve's capture."""
+    dev, blk_dev = os.environ.get("SVQ_NET_DEV"), os.environ.get("SVQ_BLK_DEV")
+    if not dev or not blk_dev or not shutil.which("qemu-system-x86_64") \
+            or not shutil.which("tcpdump"):
+        pytest.skip("needs SVQ_NET_DEV, SVQ_BLK_DEV, qemu-system-x86_64 and tcpdump (the VM rig)")
     d = tmpdir_short
-    initrd = _nested_initramfs(d, _NESTED_NET_INIT, ["failover", "net_failover", "virtio_net"])
-    sock_a, sock_b = os.path.join(d, "a.sock"), os.path.join(d, "b.sock")
+    data = {k: v for k, v in _nested_blk_data().items() if k in ("data/d0", "data/m0")}
+    initrd = _nested_initramfs(d, _NESTED_NET_INIT,
+                               ["failover", "net_failover", "virtio_net", "virtio_blk"], data)
+    socks = {k: os.path.join(d, k + ".sock") for k in ("net_a", "net_b", "blk_a", "blk_b")}
     pcap = os.path.join(d, "b.pcap")
     mig = "unix:" + os.path.join(d, "mig.sock")
-    net = lambda sock: ["-chardev", "socket,id=c1,path=" + sock,
-                        "-netdev", "vhost-user,id=n0,chardev=c1",
-                        "-device", "virtio-net-pci,netdev=n0,mac=%s,vectors=0,romfile=" % GUEST_MAC]
+    devices = lambda side: [
+        "-chardev", "socket,id=c1,path=" + socks["net_" + side],
+        "-netdev", "vhost-user,id=n0,chardev=c1",
+        "-device", "virtio-net-pci,netdev=n0,mac=%s,vectors=0,romfile=" % GUEST_MAC,
+        "-chardev", "socket,id=c0,path=" + socks["blk_" + side],
+        "-device", "vhost-user-blk-pci,chardev=c0"]
     guests, servers, stats = [], [], {}
-    with _second_net_device() as dev_b:
+    with _second_vdpa_sim("vdpa9", "vdpasim_net", "mac", GUEST_MAC) as dev_b, \
+            _second_vdpa_sim("vdpa8", "vdpasim_blk") as blk_dev_b:
         try:
-            a = ProcessServer(sock_a, dev)
-            servers.append(a)
-            b = ProcessServer(sock_b, dev_b, extra=["--pcap", pcap])
-            servers.append(b)
+            a = ProcessServer(socks["net_a"], dev)
+            b = ProcessServer(socks["net_b"], dev_b, extra=["--pcap", pcap])
+            blk_a = ProcessServer(socks["blk_a"], blk_dev)
+            blk_b = ProcessServer(socks["blk_b"], blk_dev_b)
+            servers += [a, b, blk_a, blk_b]
             t0 = time.monotonic()
-            src = NestedGuest(d, "src", initrd, net(sock_a))
+            src = NestedGuest(d, "src", initrd, devices("a"))
             guests.append(src)
-            src.wait(lambda: len(_net_rounds(src.text())) >= 2, NESTED_BOOT_SECONDS,
-                     "boot and two rounds of ARP", a)
-            stats["boot_and_two_rounds_s"] = round(time.monotonic() - t0)
-            dst = NestedGuest(d, "dst", initrd, net(sock_b), incoming=mig)
+            src.wait(lambda: len(_net_rounds(src.text())) >= 1, NESTED_BOOT_SECONDS,
+                     "boot and a round of ARP", a, blk_a)
+            stats["boot_and_first_round_s"] = round(time.monotonic() - t0)
+            assert "BLK OK" in src.text(), src.text()[-2000:]
+            src.qmp("stop")
+            time.sleep(2)
+            src.qmp("cont")
+            have = len(_net_rounds(src.text()))
+            src.wait(lambda: len(_net_rounds(src.text())) > have, NESTED_ROUND_SECONDS,
+                     "a round after stop/cont", a, blk_a)
+            dst = NestedGuest(d, "dst", initrd, devices("b"), incoming=mig)
             guests.append(dst)
-            st = _migrate(src, dst, mig, a, b, mark="NET")
+            st = _migrate(src, dst, mig, *servers, mark="NET")
             stats["migration"] = _mig_stats(st)
             before = _net_rounds(src.text())
             src.quit()
             dst.wait(lambda: len(_net_rounds(dst.text())) >= 2, 2 * NESTED_ROUND_SECONDS,
-                     "two rounds on the destination", a, b)
+                     "two rounds on the destination", *servers)
             after = _net_rounds(dst.text())
             stats["rounds"] = {"source": len(before), "destination": len(after)}
             assert before and all(tx == rx and tx > 0 for _, tx, rx in before), before
             assert all(tx > before[-1][1] for _, tx, _ in after), (before, after)
+            assert not _guest_oops(dst.text()), dst.text()[-3000:]
+            for s in (a, blk_a):         # both backends logged into QEMU's one log
+                assert "dirty logging on" in s.log() and "switched to shadow" in s.log(), s.log()
             rarps = _pcap_rarps(pcap, GUEST_MAC)
             announced = b.log().count("announcing %s (RARP)" % GUEST_MAC)
             stats["rarp"] = {"announced": announced, "in_capture": len(rarps),
