@@ -4852,9 +4852,15 @@ def _save_out(name, data):
             json.dump(data, f, indent=1)
 
 
-def _save_logs(prefix, guests, servers):
-    """The guests' consoles and the servers' logs into SVQ_OUT (the VM run's
-    output directory on the host), for a failure's post-mortem."""
+def _nested_teardown(prefix, guests, servers):
+    """Kill the guests and servers; their consoles and logs go into SVQ_OUT
+    (the VM run's output directory on the host), for a post-mortem."""
+    for g in guests:
+        g.kill()
+    for s in servers:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
     out = os.environ.get("SVQ_OUT")
     if not out:
         return
@@ -4987,13 +4993,7 @@ def test_nested_qemu_blk_stop_cont_and_live_migration(tmpdir_short):
                 "a migration from a serve that does not log device writes passed every " \
                 "check: the test cannot see stale memory\n" + back.text()[-2000:]
         finally:
-            for g in guests:
-                g.kill()
-            for s in servers:
-                if s.proc.poll() is None:
-                    s.proc.kill()
-                    s.proc.wait()
-            _save_logs("nested-blk", guests, servers)
+            _nested_teardown("nested-blk", guests, servers)
 
 
 # The net guest (it also has a vdpa_sim_blk disk, written and read back
@@ -5122,10 +5122,4 @@ def test_nested_qemu_net_and_blk_live_migration_with_rarp(tmpdir_short):
             # Every frame the guest sent came back, and each announce once more.
             assert after[-1][2] - after[-1][1] == announced, (after, announced)
         finally:
-            for g in guests:
-                g.kill()
-            for s in servers:
-                if s.proc.poll() is None:
-                    s.proc.kill()
-                    s.proc.wait()
-            _save_logs("nested-net", guests, servers)
+            _nested_teardown("nested-net", guests, servers)
