@@ -4494,8 +4494,10 @@ def test_bench_keeps_placements_apart():
 # A nested boot takes 60-85 s, so each test boots one guest and takes it
 # through all its steps.
 
-NESTED_BOOT_SECONDS = 360       # boot plus the first rounds, on a loaded 2-CPU host
-NESTED_ROUND_SECONDS = 240      # one round of the guest's check loop, at the slowest
+# Limits, not expectations: here a boot and first round took 70-120 s and a
+# round 10-25 s, but TCG speed differs by 2-3x between machines of one kind.
+NESTED_BOOT_SECONDS = 900       # boot plus the first round
+NESTED_ROUND_SECONDS = 600      # one round of the guest's loop, or a migration step
 GUEST_MAC = "52:54:00:12:34:56"  # the rig's vdpa_sim_net MAC
 
 # The blk guest's loop.  Eight 1 MiB pieces of random data d0..d7 and their
@@ -4741,10 +4743,14 @@ def _migrate(src, dst, uri, *servers, mark="FILL", hold=True):
     QEMU's first RAM pass is (nearly) done.  QEMU converges as soon as what
     is dirty fits its budget (measured bandwidth x downtime-limit; with a
     limit of 0 at the end of the first pass, nothing being pending until it
-    syncs; and it syncs only when nothing is left to send): so 1 ms at full
-    speed for the first pass, then 1 KiB/s (QEMU sends a page per 100 ms
-    window: ~40 KiB/s, less than the guest dirties, so it never runs dry
-    and never syncs), released with 2 s at full speed.  Returns
+    syncs, and it syncs only when nothing is left to send).  So: a 1 ms
+    limit at full speed for the first pass, held once it has synced again
+    or has less than 32 MiB left (waiting for the sync alone, QEMU once
+    converged in the moment between the pass's end and the hold; what is
+    left unsent goes out with the device's data in it, which only blunts
+    the unlogged control); then 1 KiB/s (QEMU sends a page per 100 ms
+    window, less than the guest dirties: it never runs dry,
+    so never syncs); released with 2 s at full speed.  Returns
     query-migrate's final stats, with "fill": the round whose checks
     straddle the switch-over (None if QEMU converged before).  hold=False:
     a plain migration (full speed, QEMU's default 300 ms downtime limit),
@@ -4972,26 +4978,41 @@ def test_nested_qemu_blk_stop_cont_and_live_migration(tmpdir_short):
             # destination must see stale memory.  In the page cache that is
             # a BAD check; in a request's status byte or a bounced buffer
             # it can also be an oops (seen: blk_mq_complete_request_remote).
-            back = NestedGuest(d, "back", initrd, blk(sock_a), incoming=mig)
-            guests.append(back)
-            st = _migrate(dst, back, mig, a, b)
-            dst.quit()
-            broken = lambda: any(x[2] != "OK" for x in _guest_checks(back.text())) or \
-                _guest_oops(back.text()) or back.proc.poll() is not None
-            end = time.monotonic() + 2 * NESTED_ROUND_SECONDS
-            while not broken() and rounds(back) < 2 and time.monotonic() < end:
-                time.sleep(0.5)
-            back_checks = _guest_checks(back.text())
-            bad = [x for x in back_checks if x[2] != "OK"]
-            stats["unlogged"] = dict(_mig_stats(st), bad_checks=len(bad), checks=len(back_checks),
-                                     oops=_guest_oops(back.text()),
-                                     straddling_switch_over=len([x for x in back_checks
-                                                                 if x[0] == st["fill"]]))
+            # Which pages a refill gets depends on the guest's allocator,
+            # and most runs show it on the first try, not all (1 in 7 here
+            # did not): up to 3 tries, going back to serve b in between.
+            stats["unlogged"] = []
+            on_b = dst
+            for attempt in range(3):
+                back = NestedGuest(d, "back%d" % attempt, initrd, blk(sock_a), incoming=mig)
+                guests.append(back)
+                st = _migrate(on_b, back, mig, a, b)
+                on_b.quit()
+                broken = lambda: any(x[2] != "OK" for x in _guest_checks(back.text())) or \
+                    _guest_oops(back.text()) or back.proc.poll() is not None
+                end = time.monotonic() + 2 * NESTED_ROUND_SECONDS
+                while not broken() and rounds(back) < 2 and time.monotonic() < end:
+                    time.sleep(0.5)
+                back_checks = _guest_checks(back.text())
+                bad = [x for x in back_checks if x[2] != "OK"]
+                oops = _guest_oops(back.text())
+                stats["unlogged"].append(dict(
+                    _mig_stats(st), bad_checks=len(bad), checks=len(back_checks), oops=oops,
+                    straddling_switch_over=len([x for x in back_checks if x[0] == st["fill"]])))
+                if bad or oops or attempt == 2:
+                    break
+                on_b = NestedGuest(d, "again%d" % attempt, initrd, blk(sock_b), incoming=mig)
+                guests.append(on_b)
+                _migrate(back, on_b, mig, a, b)
+                back.quit()
+                on_b.wait(lambda: rounds(on_b) >= 1, NESTED_ROUND_SECONDS,
+                          "a round on serve b again", a, b)
+                checks_ok(on_b, "on serve b again")
             print("nested blk:", json.dumps(stats))
             _save_out("nested-blk.json", stats)
-            assert bad or stats["unlogged"]["oops"], \
-                "a migration from a serve that does not log device writes passed every " \
-                "check: the test cannot see stale memory\n" + back.text()[-2000:]
+            assert bad or oops, \
+                "%d migrations from a serve that does not log device writes passed every " \
+                "check: the test cannot see stale memory\n%s" % (attempt + 1, back.text()[-2000:])
         finally:
             _nested_teardown("nested-blk", guests, servers)
 
