@@ -4786,23 +4786,23 @@ def _last_number(text, word):
 # held after the sync, the destination's kernel crashed (a corrupt hrtimer
 # queue, a corrupt runqueue list) or hung in 3 of 3 runs, one with QEMU's
 # own emulated virtio-blk and no svq.py at all: a QEMU 7.2 TCG migration
-# problem with that schedule (not root-caused).  This one ran clean in 9
-# of 10 runs (3 with the emulated disk, 7 through serve; one logged a 22 s
-# soft lockup on the destination after every check had passed), the 10th
+# problem with that schedule (not root-caused).  This one ran clean in 11
+# of 12 runs (3 with the emulated disk, 9 through serve; one logged a 22 s
+# soft lockup on the destination after every check had passed); the other
 # left a stale ring on a serve destination (see the test's step 3).
 _SLOW_BELOW, _SLOW_RATE, _FREEZE_BELOW = 64 << 20, 16 << 20, 4 << 20
 
 
-def _migrate(src, dst, uri, *servers, mark="FILL", hold=True):
+def _migrate(src, dst, uri, *servers, hold=True):
     """Migrate src to dst (started with -incoming uri).  hold=True places the
     switch-over where a missing dirty bit shows: QEMU's first RAM pass is
     frozen with nearly every page sent (see _SLOW_BELOW), the guest's next
-    `mark` line (a FILL: its page cache refilled by the device, into pages
+    FILL line (its page cache refilled by the device, into pages
     QEMU already sent; only the backend's dirty log makes QEMU send them
     again) is awaited, then the migration is released (full speed, a 2 s
     downtime limit): the checks of that fill run on the destination.
     Returns query-migrate's final stats, with "fill": the number of that
-    mark (None if QEMU converged before).  hold=False: a plain migration
+    fill (None if QEMU converged before).  hold=False: a plain migration
     (full speed, QEMU's default 300 ms downtime limit), for timing."""
     src.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30,
                                          "downtime-limit": 1 if hold else 300})
@@ -4820,14 +4820,13 @@ def _migrate(src, dst, uri, *servers, mark="FILL", hold=True):
             remaining = ram.get("remaining", 1 << 40) if ram.get("transferred") else 1 << 40
             if ram.get("dirty-sync-count", 0) >= 2 or remaining < _FREEZE_BELOW:
                 src.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 10})
-                last = _last_number(src.text(), mark)
-                src.wait(lambda: _last_number(src.text(), mark) > last, NESTED_ROUND_SECONDS,
-                         "a %s line with QEMU's first RAM pass frozen" % mark, *servers,
-                         poll=0.05)
+                last = _last_number(src.text(), "FILL")
+                src.wait(lambda: _last_number(src.text(), "FILL") > last, NESTED_ROUND_SECONDS,
+                         "a FILL line with QEMU's first RAM pass frozen", *servers, poll=0.05)
                 src.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 30,
                                                      "downtime-limit": 2000})
                 if src.qmp("query-migrate")["status"] != "completed":
-                    fill = _last_number(src.text(), mark)
+                    fill = _last_number(src.text(), "FILL")
                 break
             if not slowed and remaining < _SLOW_BELOW:
                 src.qmp("migrate-set-parameters", **{"max-bandwidth": _SLOW_RATE})
@@ -5006,6 +5005,19 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
         have = rounds(g)
         g.wait(lambda: rounds(g) >= have + n, n * NESTED_ROUND_SECONDS, what, *servers)
 
+    def broken(g):
+        return any(x[2] != "OK" for x in _guest_checks(g.text())) or _guest_oops(g.text()) \
+            or g.proc.poll() is not None
+
+    def two_rounds_or_broken(g, limit):
+        """Wait until a migrated guest has run two rounds or is broken (a BAD
+        check, an oops, QEMU gone) or `limit` seconds went by; whether it ran
+        its two rounds unbroken."""
+        end = time.monotonic() + limit
+        while rounds(g) < 2 and not broken(g) and time.monotonic() < end:
+            time.sleep(0.5)
+        return rounds(g) >= 2 and not broken(g)
+
     with _second_vduse_disk(image) as blk_dev_b, \
             _second_vdpa_sim("vdpa9", "vdpasim_net", "mac", GUEST_MAC) as net_dev_b, \
             _second_vdpa_sim("vdpa8", "vdpasim_blk") as blk2_dev_b:
@@ -5051,11 +5063,12 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
 
             # 3. The migration, the switch-over between a fill and its checks.
             # QEMU 7.2 under nested TCG sometimes corrupts a destination's
-            # memory by itself (see _SLOW_BELOW; with this schedule once in 10
+            # memory by itself (see _SLOW_BELOW; with this schedule once in 12
             # runs, a stale virtio ring on the destination: "id 0 is not a
-            # head", though the source's serve had drained every request).  A destination that fails is kept (its console goes to
-            # SVQ_OUT, its figures into the stats) and the migration runs once
-            # more, from a fresh guest; a second failure fails the test.
+            # head", though the source's serve had drained every request).
+            # A destination that fails is kept (its console goes to SVQ_OUT,
+            # its figures into the stats) and the migration runs once more,
+            # from a fresh guest; a second failure fails the test.
             stats["failed_destinations"] = []
             rarp = lambda: (net_b.log().count("announcing %s (RARP)" % GUEST_MAC),
                             len(_pcap_rarps(pcap, GUEST_MAC)))
@@ -5065,12 +5078,7 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
                 st = _migrate(src, dst, mig, *servers)
                 src.quit()
                 t0 = time.monotonic()
-                failed = lambda: any(x[2] != "OK" for x in _guest_checks(dst.text())) or \
-                    _guest_oops(dst.text()) or dst.proc.poll() is not None
-                end = t0 + 2 * NESTED_ROUND_SECONDS
-                while rounds(dst) < 2 and not failed() and time.monotonic() < end:
-                    time.sleep(0.5)
-                if rounds(dst) >= 2 and not failed():
+                if two_rounds_or_broken(dst, 2 * NESTED_ROUND_SECONDS):
                     break
                 stats["failed_destinations"].append(dict(
                     _mig_stats(st), bad_checks=[x for x in _guest_checks(dst.text()) if x[2] != "OK"],
@@ -5110,11 +5118,7 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
             back = guest("back", "a", incoming=mig)
             st = _migrate(dst, back, mig, *servers)
             dst.quit()
-            broken = lambda: any(x[2] != "OK" for x in _guest_checks(back.text())) or \
-                _guest_oops(back.text()) or back.proc.poll() is not None
-            end = time.monotonic() + max(120, 2 * two_rounds_s)
-            while not broken() and rounds(back) < 2 and time.monotonic() < end:
-                time.sleep(0.5)
+            two_rounds_or_broken(back, max(120, 2 * two_rounds_s))
             back_checks = _guest_checks(back.text())
             bad = [x for x in back_checks if x[2] != "OK"]
             oops = _guest_oops(back.text())
