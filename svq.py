@@ -1203,11 +1203,34 @@ class GuestMemory:
                 raise SvqError("guest memory regions overlap at GPA %#x" % b.gpa)
         self._starts = [r.gpa for r in self.regions]
         self.size = max((r.end for r in self.regions), default=0)
+        self.fds = []               # memfd(): the regions' files
 
     @classmethod
     def anonymous(cls, layout):
         """[(gpa, size), ...] -> memory of fresh MAP_SHARED anonymous regions."""
         return cls([GuestRegion(gpa, size, SharedMemory(size)) for gpa, size in layout])
+
+    @classmethod
+    def memfd(cls, layout):
+        """As anonymous(), but each region a memfd of its own (kept in
+        .fds), its userspace address its mapping here: memory to hand to a
+        vhost-user backend."""
+        regions, fds = [], []
+        try:
+            for gpa, size in layout:
+                fds.append(os.memfd_create("svq-guest", os.MFD_CLOEXEC))
+                os.ftruncate(fds[-1], size)
+                m = SharedMemory(size, fd=fds[-1])
+                regions.append(GuestRegion(gpa, size, m, uaddr=m.hva))
+            mem = cls(regions)
+        except BaseException:
+            for r in regions:
+                r.mem.close()
+            for fd in fds:
+                os.close(fd)
+            raise
+        mem.fds = fds
+        return mem
 
     def region(self, gpa):
         i = bisect.bisect_right(self._starts, gpa) - 1
@@ -1255,6 +1278,9 @@ class GuestMemory:
         for r in self.regions:
             if r.owned:
                 r.mem.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
 
 # Every page the device (or svq.py on its behalf) wrote is logged; tests flip
@@ -3825,8 +3851,11 @@ class BuiltinRun:
     def __init__(self, path, direct=False, queue_size=None, count=None, seconds=5.0,
                  size=None, write=False, indirect=False, event_idx=True, progress=None,
                  ring_base=0, straddle=False, cpus=None, packed=False, pcap=None,
-                 opener=VhostVdpa):
+                 device_type=None, log_toggle=None, opener=VhostVdpa):
         self.path, self.direct = path, direct
+        self.device_type, self.log_toggle = device_type, log_toggle
+        self.vhost_user = _is_socket(path)
+        self.log_switch_ms = {"on": [], "off": []}  # --log-toggle: SET_FEATURES to its ack
         self.cpus = _check_cpus(cpus)           # (driver CPU, svq CPU) or None
         self.straddle = straddle
         self.ring_base = ring_base
@@ -3863,7 +3892,23 @@ class BuiltinRun:
 
     def _setup(self, queue_size, size, write, indirect, event_idx, opener):
         check_barriers()
-        self.dev = dev = VdpaDevice(self.path, opener)
+        if self.vhost_user:
+            if self.device_type is None:
+                raise UsageError("%s is a vhost-user socket: say --type net or --type blk "
+                                 "(vhost-user does not tell a device's type)" % self.path)
+            if self.direct:
+                raise UsageError("--direct is for vDPA devices (a vhost-user backend always "
+                                 "uses the driver's own rings)")
+            self.direct = True          # the backend gets the driver's rings
+            self.dev = dev = VhostUserDevice(self.path, self.device_type)
+            if self.log_toggle:
+                dev.check_logging()
+        else:
+            if self.device_type is not None:
+                raise UsageError("--type is for vhost-user sockets (a vDPA device says its type)")
+            if self.log_toggle:
+                raise UsageError("--log-toggle is for vhost-user sockets")
+            self.dev = dev = VdpaDevice(self.path, opener)
         if dev.device_id not in (VIRTIO_ID_NET, VIRTIO_ID_BLOCK):
             raise SvqError("%s: device type %d is not supported by the built-in driver "
                            "(net and blk are)" % (self.path, dev.device_id))
@@ -3883,6 +3928,9 @@ class BuiltinRun:
             if self.ring_base:
                 raise UsageError("--ring-base is for split rings (a packed ring wraps every "
                                  "queue size descriptors anyway)")
+            if self.vhost_user and not dev.device_features >> VIRTIO_F_RING_PACKED & 1:
+                raise UsageError("--packed: the backend at %s offers no packed ring "
+                                 "(VIRTIO_F_RING_PACKED)" % self.path)
             if self.direct and not dev.device_features >> VIRTIO_F_RING_PACKED & 1:
                 raise UsageError("--packed --direct: %s has no packed ring (VIRTIO_F_RING_PACKED); "
                                  "without --direct the shadow ring carries the driver's packed "
@@ -3919,11 +3967,15 @@ class BuiltinRun:
             split = drv.region_split(buf_base)
         total = page_align_up(buf_base + drv.memory_needed() - self.GUEST_BASE)
         first = min(split - self.GUEST_BASE, total - PAGE_SIZE)
-        self.mem = mem = GuestMemory.anonymous([(self.GUEST_BASE, first),
-                                                (self.GUEST_BASE + first, total - first)])
-        if self.direct:
+        layout = [(self.GUEST_BASE, first), (self.GUEST_BASE + first, total - first)]
+        if self.vhost_user:
+            self.mem = mem = GuestMemory.memfd(layout)
+            dev.set_mem_table(mem, mem.fds)
+        elif self.direct:
+            self.mem = mem = GuestMemory.anonymous(layout)
             map_guest_memory(dev, mem)
         else:
+            self.mem = mem = GuestMemory.anonymous(layout)
             self.sdev = ShadowDevice(dev, mem)
             self.log = DirtyLog(mem.size >> PAGE_SHIFT)
         drv.setup_buffers(mem, buf_base)
@@ -3949,6 +4001,9 @@ class BuiltinRun:
         if self.pcap_path is not None:
             if cls is not NetDriver:
                 raise UsageError("--pcap is for net devices")
+            if self.vhost_user:
+                raise UsageError("--pcap is for vDPA devices (the frames of a vhost-user "
+                                 "backend never pass through this process)")
             if self.direct:
                 raise UsageError("--pcap needs the shadow queues (the frames of --direct never "
                                  "pass through svq.py)")
@@ -4045,7 +4100,10 @@ class BuiltinRun:
             loop.add_reader(svq.device_call_fd, guarded(svq.handle_device_call))
         # Run until the guest is done; a signal asks it to stop and drain,
         # while the shadow queues keep serving what it has in flight.
-        loop.run()
+        if self.log_toggle:
+            loop.run(tick=self._toggle_log, tick_interval=self.log_toggle)
+        else:
+            loop.run()
         if loop.stop_signal is not None:
             os.write(self.stop_fd, _EVENTFD_ONE)
             loop.stopped = False
@@ -4059,6 +4117,19 @@ class BuiltinRun:
                 except RingError as e:
                     self.ring_errors.append(str(e))
         self._load_guest_results(b"".join(chunks))
+
+    def _toggle_log(self):
+        """--log-toggle: dirty logging on, or off, as a migration starts and
+        fails; a backend that refuses stops the run."""
+        on = not self.dev.logging
+        try:
+            took = self.dev.set_logging(on)
+        except SvqError as e:
+            self.ring_errors.append("dirty logging %s: %s" % ("on" if on else "off", e))
+            os.write(self.stop_fd, _EVENTFD_ONE)
+            self.log_toggle = None
+            return
+        self.log_switch_ms["on" if on else "off"].append(round(took * 1e3, 2))
 
     def _load_guest_results(self, raw):
         st = self.driver.stats
@@ -4093,7 +4164,9 @@ class BuiltinRun:
         _set_pdeathsig(signal.SIGKILL)
         if os.getppid() != self.host_pid:
             return                              # the parent is gone already
-        if isinstance(self.dev.dev, VhostVdpa) and self.dev.dev.fd >= 0:
+        if self.vhost_user:
+            self.dev.sock.close()               # the connection is the parent's
+        elif isinstance(self.dev.dev, VhostVdpa) and self.dev.dev.fd >= 0:
             os.close(self.dev.dev.fd)
         if self.cpus:
             _pin(self.cpus[0])
@@ -4185,16 +4258,20 @@ class BuiltinRun:
         else:
             kicks = {"guest": s.guest_kicks, "device": s.device_kicks}
             calls = {"device": s.device_calls, "guest": s.guest_calls}
+        if self.vhost_user:
+            log = self.dev.log
+        else:
+            log = self.log
         out = {
             "device": self.path, "type": self.dev.type,
-            "mode": "direct" if self.direct else "shadow",
+            "mode": "vhost-user" if self.vhost_user else "direct" if self.direct else "shadow",
             "requests": st.requests, "bytes": st.bytes, "seconds": round(secs, 3),
             "requests_per_second": round(st.requests / secs, 1),
             "mbit_per_second": round(st.bytes * 8 / secs / 1e6, 2),
             "latency_us": {"p50": round(st.latency.percentile(50) / 1000, 1),
                            "p99": round(st.latency.percentile(99) / 1000, 1)},
             "errors": st.errors, "error_messages": st.error_lines,
-            "dirty_pages": self.log.count() if self.log is not None else None,
+            "dirty_pages": log.count() if log is not None else None,
             "kicks": kicks, "calls": calls, "parked": s.parked,
             "layout": None if self.direct else ["mirrored" if q.mirror else "copied" for q in self.svqs],
             "chain_walks": None if self.direct else s.walks,
@@ -4208,6 +4285,8 @@ class BuiltinRun:
             "config": self.config, "run_id": self.run_id,
             "pcap_frames": self.pcap.frames if self.pcap is not None else None,
         }
+        if self.vhost_user:
+            out["log_toggle_ms"] = self.log_switch_ms
         if isinstance(self.driver, BlkDriver):
             out.update(write=self.driver.write, request_size=self.driver.size,
                        blk_id=self.driver.device_id_str, flushed=self.driver.flushed,
@@ -4236,6 +4315,13 @@ class BuiltinRun:
         if self.mem is not None:
             self.mem.close()
             self.mem = None
+
+
+def _is_socket(path):
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 def _type_names(device_id):
@@ -6507,6 +6593,224 @@ class VhostUserServer:
         self.loop.close()
 
 
+# ============================================================================
+# vhost-user frontend: the built-in driver on a vhost-user backend
+# ============================================================================
+#
+# `svq.py run SOCKET --type net|blk` drives a vhost-user backend (svq.py
+# serve, DPDK's vhost, qemu-storage-daemon's vhost-user-blk export) as a
+# VMM does: the driver's memory goes over as memfds (SET_MEM_TABLE), its
+# rings by address, its kick and call eventfds with SET_VRING_KICK/CALL.
+# The backend uses the driver's rings itself, so BuiltinRun treats it as a
+# --direct device.  With --log-toggle the run turns dirty logging on and off
+# as a migration that starts and fails does (SET_LOG_BASE, SET_FEATURES with
+# VHOST_F_LOG_ALL, every ring's SET_VRING_ADDR with VHOST_VRING_F_LOG), each
+# time waiting for the backend's ack: svq.py serve switches between
+# passthrough and shadow before it acks.
+
+
+class VhostUserDevice:
+    """A vhost-user backend as BuiltinRun's device: the part of VdpaDevice's
+    interface the direct path uses (features, config, setup_vq, start,
+    reset, close), with set_mem_table in place of the IOTLB."""
+
+    PROTOCOL = ((1 << VHOST_USER_PROTOCOL_F_REPLY_ACK) | (1 << VHOST_USER_PROTOCOL_F_CONFIG)
+                | (1 << VHOST_USER_PROTOCOL_F_STATUS) | (1 << VHOST_USER_PROTOCOL_F_LOG_SHMFD))
+    CONFIG_BYTES = {VIRTIO_ID_NET: 12, VIRTIO_ID_BLOCK: 36}   # what decode_*_config reads
+    MAX_QUEUE_SIZE = 32768      # vhost-user has no query; the backend refuses what it cannot
+
+    def __init__(self, path, device_type, timeout=10.0):
+        self.path = path
+        self.device_id = {"net": VIRTIO_ID_NET, "blk": VIRTIO_ID_BLOCK}[device_type]
+        self.type = DEVICE_TYPES[self.device_id]
+        self.max_queue_size = self.MAX_QUEUE_SIZE
+        self.features = self.protocol = 0
+        self.mem = None
+        self.vqs = []
+        self.log_fd, self.log_mm, self.log = -1, None, None
+        self.logging = False
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.settimeout(timeout)
+            try:
+                self.sock.connect(path)
+            except OSError as e:
+                raise DeviceError("%s: connect" % path, e.errno) from None
+            offered = self._get_u64(VHOST_USER_GET_FEATURES)
+            self.backend_features = offered
+            if offered >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+                self.protocol = self._get_u64(VHOST_USER_GET_PROTOCOL_FEATURES) & self.PROTOCOL
+                self._send(VHOST_USER_SET_PROTOCOL_FEATURES, _U64.pack(self.protocol))
+            self._request(VHOST_USER_SET_OWNER)
+            self.device_features = offered & ~((1 << VHOST_USER_F_PROTOCOL_FEATURES)
+                                               | (1 << VHOST_F_LOG_ALL))
+        except BaseException:
+            self.sock.close()
+            raise
+
+    # -- messages --
+    def _send(self, req, payload=b"", fds=(), flags=VU_FLAG_VERSION):
+        anc = ([(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+               if fds else [])
+        try:
+            self.sock.sendmsg([_VU_HDR.pack(req, flags, len(payload)) + payload], anc)
+        except OSError as e:
+            raise DeviceError("%s: %s" % (self.path, VU_REQUEST_NAMES[req]),
+                              e.errno or errno.EPIPE) from None
+
+    def _reply(self, req):
+        name = VU_REQUEST_NAMES[req]
+        try:
+            hdr = self._exact(_VU_HDR.size)
+            r, flags, size = _VU_HDR.unpack(hdr)
+            if r != req or not flags & VU_FLAG_REPLY or size > VU_MAX_PAYLOAD:
+                raise DeviceError("%s: %s" % (self.path, name), errno.EPROTO,
+                                  hint="reply %d flags %#x size %d" % (r, flags, size))
+            return self._exact(size)
+        except OSError as e:
+            raise DeviceError("%s: %s reply" % (self.path, name),
+                              e.errno or errno.ETIMEDOUT) from None
+
+    def _exact(self, n):
+        buf = b""
+        while len(buf) < n:
+            d = self.sock.recv(n - len(buf))
+            if not d:
+                raise ConnectionResetError(errno.ECONNRESET, "closed by the backend")
+            buf += d
+        return buf
+
+    def _get_u64(self, req):
+        self._send(req)
+        raw = self._reply(req)
+        if len(raw) != 8:
+            raise DeviceError("%s: %s" % (self.path, VU_REQUEST_NAMES[req]), errno.EPROTO,
+                              hint="a reply of %d bytes" % len(raw))
+        return _U64.unpack(raw)[0]
+
+    def _request(self, req, payload=b"", fds=(), vq=None):
+        """A request, acknowledged where REPLY_ACK is negotiated (so an error
+        is reported by the request that caused it, not by a later one)."""
+        ack = self.protocol >> VHOST_USER_PROTOCOL_F_REPLY_ACK & 1
+        self._send(req, payload, fds, VU_FLAG_VERSION | (VU_FLAG_NEED_REPLY if ack else 0))
+        if ack:
+            raw = self._reply(req)
+            if len(raw) != 8 or _U64.unpack(raw)[0] != 0:
+                raise DeviceError("%s: %s" % (self.path, VU_REQUEST_NAMES[req]), errno.EIO, vq,
+                                  hint="refused by the backend")
+
+    # -- what BuiltinRun uses --
+    def negotiate(self, wanted):
+        if not self.device_features >> VIRTIO_F_VERSION_1 & 1:
+            raise DeviceError("%s: features" % self.path, errno.ENOTSUP,
+                              hint="the backend lacks VERSION_1, which svq.py requires")
+        self.features = self.device_features & wanted
+        self._set_features()
+        return self.features
+
+    def _set_features(self):
+        extra = self.backend_features & (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        if self.logging:
+            extra |= 1 << VHOST_F_LOG_ALL
+        self._request(VHOST_USER_SET_FEATURES, _U64.pack(self.features | extra))
+
+    def config(self):
+        if not self.protocol >> VHOST_USER_PROTOCOL_F_CONFIG & 1:
+            return {}
+        size = self.CONFIG_BYTES[self.device_id]
+        self._send(VHOST_USER_GET_CONFIG, _VU_CONFIG.pack(0, size, 0) + bytes(size))
+        raw = self._reply(VHOST_USER_GET_CONFIG)[_VU_CONFIG.size:]
+        decode = decode_net_config if self.device_id == VIRTIO_ID_NET else decode_blk_config
+        return decode(raw, self.features or self.device_features)
+
+    def set_mem_table(self, mem, fds):
+        """Guest memory for the backend: one memfd per region, its
+        userspace address the region's mapping in this process."""
+        if len(mem.regions) > VU_MAX_REGIONS:
+            raise UsageError("%d memory regions (vhost-user takes %d)"
+                             % (len(mem.regions), VU_MAX_REGIONS))
+        payload = struct.pack("<II", len(mem.regions), 0) + b"".join(
+            _VU_REGION.pack(r.gpa, r.size, r.uaddr, 0) for r in mem.regions)
+        self._request(VHOST_USER_SET_MEM_TABLE, payload, fds)
+        self.mem = mem
+
+    def _uaddr(self, gpa):
+        r = self.mem.region(gpa)
+        return r.uaddr + gpa - r.gpa
+
+    def _set_addr(self, vq, desc, avail, used):
+        self._request(VHOST_USER_SET_VRING_ADDR, _VU_ADDR.pack(
+            vq, (1 << VHOST_VRING_F_LOG) if self.logging else 0, self._uaddr(desc),
+            self._uaddr(used), self._uaddr(avail), used), vq=vq)
+
+    def setup_vq(self, vq, num, desc, avail, used, kick_fd, call_fd, base=0):
+        """In QEMU's order: num, base, addr, kick, call."""
+        self._request(VHOST_USER_SET_VRING_NUM, _VU_STATE.pack(vq, num), vq=vq)
+        self._request(VHOST_USER_SET_VRING_BASE, _VU_STATE.pack(vq, base), vq=vq)
+        self._set_addr(vq, desc, avail, used)
+        self._request(VHOST_USER_SET_VRING_KICK, _U64.pack(vq), [kick_fd], vq=vq)
+        self._request(VHOST_USER_SET_VRING_CALL, _U64.pack(vq), [call_fd], vq=vq)
+        self.vqs.append((vq, desc, avail, used))
+
+    def start(self, vqs):
+        if self.backend_features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
+            for vq in vqs:      # with PROTOCOL_FEATURES, rings start disabled
+                self._request(VHOST_USER_SET_VRING_ENABLE, _VU_STATE.pack(vq, 1), vq=vq)
+        self._set_status(VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
+                         | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+
+    def _set_status(self, status):
+        if self.protocol >> VHOST_USER_PROTOCOL_F_STATUS & 1:
+            self._request(VHOST_USER_SET_STATUS, _U64.pack(status))
+
+    def check_logging(self):
+        if not self.backend_features >> VHOST_F_LOG_ALL & 1:
+            raise UsageError("%s: the backend does not offer VHOST_F_LOG_ALL" % self.path)
+        if not self.protocol >> VHOST_USER_PROTOCOL_F_LOG_SHMFD & 1:
+            raise UsageError("%s: the backend does not offer PROTOCOL_F_LOG_SHMFD" % self.path)
+
+    def set_logging(self, on):
+        """Dirty logging on or off, as QEMU's migration start (and its
+        failure) does it; returns the seconds until the backend acked."""
+        self.check_logging()
+        if on and self.log is None:
+            size = page_align_up(((self.mem.size >> PAGE_SHIFT) + 7) // 8)
+            self.log_fd = os.memfd_create("svq-log", os.MFD_CLOEXEC)
+            os.ftruncate(self.log_fd, size)
+            self.log_mm = mmap.mmap(self.log_fd, size, flags=mmap.MAP_SHARED)
+            self.log = DirtyLog(buf=memoryview(self.log_mm))
+            self._send(VHOST_USER_SET_LOG_BASE, _VU_LOG.pack(size, 0), [self.log_fd])
+            self._reply(VHOST_USER_SET_LOG_BASE)    # the backend has mapped it
+        t0 = time.monotonic()
+        self.logging = on
+        self._set_features()
+        took = time.monotonic() - t0
+        for vq, desc, avail, used in self.vqs:
+            self._set_addr(vq, desc, avail, used)
+        return took
+
+    def reset(self):
+        if self.sock.fileno() >= 0:
+            try:
+                self._set_status(0)
+            except DeviceError:
+                pass
+
+    def close(self):
+        """Stop the device (SET_STATUS 0) and hang up: the backend resets it."""
+        if self.sock.fileno() < 0:
+            return
+        self.reset()
+        self.sock.close()
+        if self.log is not None:
+            self.log.buf.release()
+            self.log_mm.close()
+            self.log = None
+        if self.log_fd >= 0:
+            os.close(self.log_fd)
+            self.log_fd = -1
+
+
 def _mac(s):
     try:
         mac = bytes(int(x, 16) for x in s.split(":"))
@@ -6628,9 +6932,14 @@ def build_parser():
     p.add_argument("--version", action="version", version="svq.py " + __version__)
     sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
     r = sub.add_parser("run", help="drive a device with the built-in driver (default)")
-    r.add_argument("device", help="/dev/vhost-vdpa-N")
+    r.add_argument("device", help="/dev/vhost-vdpa-N, or a vhost-user backend's socket")
     r.add_argument("--direct", action="store_true",
                    help="no shadow: hand the driver's rings to the device (baseline)")
+    r.add_argument("--type", choices=("net", "blk"), dest="device_type",
+                   help="a vhost-user backend's device type")
+    r.add_argument("--log-toggle", type=_positive_float, metavar="SECONDS",
+                   help="vhost-user: turn dirty logging on and off every SECONDS, as a "
+                        "migration that starts and fails does")
     r.add_argument("--queue-size", type=_positive_int, help="ring size (power of two)")
     r.add_argument("--count", type=_positive_int, help="stop after this many requests")
     r.add_argument("--seconds", type=_positive_float, default=None,
@@ -6680,6 +6989,11 @@ def _round(x, digits):
     return None if x is None else round(x, digits)
 
 
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else 0.0
+
+
 def format_summary(s):
     lines = ["%s: virtio-%s, %s mode, %s ring, queue size %d" % (
                  s["device"], s["type"], s["mode"], s["ring"], s["queue_size"]),
@@ -6693,6 +7007,14 @@ def format_summary(s):
                      % (k["guest"], k["device"], c["device"], c["guest"]))
         lines.append("  dirty pages %d; shadow layout %s, %d chains walked"
                      % (s["dirty_pages"], "/".join(s["layout"]), s["chain_walks"]))
+    elif s["mode"] == "vhost-user":
+        lines.append("  kicks driver->backend %d" % k["guest"])
+        t = s["log_toggle_ms"]
+        if t["on"] or t["off"]:
+            lines.append("  dirty logging on %d times (median ack %.1f ms), off %d times "
+                         "(median %.1f ms); %d dirty pages in the log" % (
+                             len(t["on"]), _median(t["on"]), len(t["off"]), _median(t["off"]),
+                             s["dirty_pages"] or 0))
     else:
         lines.append("  kicks driver->device %d (device writes are invisible in direct mode)" % k["guest"])
     if "blk_id" in s:
@@ -6721,8 +7043,8 @@ def cmd_run(args):
                      count=args.count, seconds=seconds, size=args.size, write=args.write,
                      indirect=args.indirect, event_idx=not args.no_event_idx,
                      ring_base=args.ring_base, straddle=args.straddle, packed=args.packed,
-                     pcap=args.pcap,
-                     cpus=args.cpus, progress=progress)
+                     pcap=args.pcap, device_type=args.device_type,
+                     log_toggle=args.log_toggle, cpus=args.cpus, progress=progress)
     try:
         run.run()
         sig = run.loop.stop_signal
