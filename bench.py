@@ -65,6 +65,18 @@ DEVICE_CASES = [
     ("vduse-64k-write", "SVQ_VDUSE_DEV", "VDUSE blk", 65536, True),
 ]
 
+# serve: the built-in driver as the frontend of `svq.py serve` over
+# vhost-user (`svq.py run SOCKET --type T`), in passthrough and shadow mode,
+# beside `svq.py run --direct` in the same round (pinned placement).
+SERVE_CASES = ("net-64", "blk-4k-read", "blk-64k-read", "vduse-4k-read", "vduse-64k-read")
+SERVE_MODES = ("direct", "serve-passthrough", "serve-shadow")
+TARGET_PASSTHROUGH = (0.98, 1.02)       # serve passthrough / run --direct
+# Switch time: serve in auto mode while the driver turns dirty logging on and
+# off every LOG_TOGGLE_SECONDS for SWITCH_SECONDS, as migrations that start
+# and fail do.
+LOG_TOGGLE_SECONDS, SWITCH_SECONDS = 0.25, 6.0
+SWITCH_RE = re.compile(r"switched to (shadow|passthrough) in ([0-9.]+) ms \(([^;]+);")
+
 
 def note(msg):
     sys.stderr.write("bench: %s\n" % msg)
@@ -208,15 +220,16 @@ def place(placement, pids):
     return cpus
 
 
-def svq_run(dev, seconds, size, write, direct, cpus=None, device=()):
+def svq_run(dev, seconds, size, write, direct, cpus=None, device=(), **kw):
     """One `svq.py run`, in this process (svq.BuiltinRun, as the CLI runs it):
     no interpreter start-up between runs, so rounds can be many and long.
-    `device`: the pids that do the device's work, whose CPU time is counted."""
+    `device`: the pids that do the device's work, whose CPU time is counted.
+    `kw`: more of BuiltinRun's arguments (device_type for a vhost-user socket)."""
     import svq
     dev_cpu0 = cpu_seconds(device)
     try:
         run = svq.BuiltinRun(dev, direct=direct, seconds=seconds, size=size, write=write,
-                             cpus=cpus)
+                             cpus=cpus, **kw)
         try:
             run.run()
             s = run.summary()
@@ -227,13 +240,139 @@ def svq_run(dev, seconds, size, write, direct, cpus=None, device=()):
     res = {"rc": 0}
     for k in ("requests", "bytes", "seconds", "requests_per_second", "mbit_per_second",
               "errors", "kicks", "calls", "parked", "latency_us", "cpu_seconds",
-              "chain_walks", "layout", "cpus"):
+              "chain_walks", "layout", "cpus", "log_toggle_ms", "dirty_pages"):
         res[k] = s.get(k)
     if device:
         res["cpu_seconds"]["device"] = round(cpu_seconds(device) - dev_cpu0, 3)
     if s.get("errors"):
         res["error_messages"] = s.get("error_messages", [])[:3]
     return res
+
+
+class Serve:
+    """`svq.py serve DEV --mode MODE` in a process of its own for the whole
+    benchmark: it opens the device only while a frontend is connected (its
+    worker), so direct runs go on between its runs."""
+
+    def __init__(self, dev, mode, folder):
+        self.dev, self.mode = dev, mode
+        self.path = os.path.join(folder, "%s-%s.sock" % (os.path.basename(dev), mode))
+        self.log_path = self.path + ".log"
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen([sys.executable, SVQ, "serve", dev, "--socket", self.path,
+                                      "--mode", mode], stderr=self.log, cwd=ROOT)
+        end = time.monotonic() + 120
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("serve %s --mode %s did not start: %s" % (dev, mode, self.text()))
+            time.sleep(0.05)
+
+    def text(self, since=0):
+        self.log.flush()
+        with open(self.log_path, errors="replace") as f:
+            f.seek(since)
+            return f.read()
+
+    def offset(self):
+        return os.path.getsize(self.log_path)
+
+    def cpu(self):
+        """CPU seconds of serve and of the workers it has reaped."""
+        tick = os.sysconf("SC_CLK_TCK")
+        stat = _read("/proc/%d/stat" % self.proc.pid)
+        fields = stat[stat.rfind(")") + 2:].split()
+        return sum(int(x) for x in fields[11:15]) / tick    # utime stime cutime cstime
+
+    def wait_idle(self, timeout=5.0):
+        """Until the last connection's worker has exited and been reaped."""
+        end = time.monotonic() + timeout
+        pid = self.proc.pid
+        while time.monotonic() < end:
+            if not _read("/proc/%d/task/%d/children" % (pid, pid)).split():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def serve_run(srv, kind, seconds, size, write, cpus, device, **kw):
+    """One run of the built-in driver through `srv`; svq's CPU is serve's."""
+    srv.wait_idle()
+    cpu0 = srv.cpu()
+    since = srv.offset()
+    r = svq_run(srv.path, seconds, size, write, False, cpus, device, device_type=kind, **kw)
+    if not srv.wait_idle():
+        note("serve %s: the worker did not exit" % srv.path)
+    if "cpu_seconds" in r:
+        r["cpu_seconds"]["svq"] = round(srv.cpu() - cpu0, 3)
+    r["serve_log"] = srv.text(since)[-4000:]
+    return r
+
+
+def serve_bench(devs, procs, cases, rounds, seconds, folder, t0):
+    """serve passthrough and shadow beside run --direct, round after round,
+    pinned; then the switch time in auto mode.  Returns (runs, switches)."""
+    kinds = {"SVQ_NET_DEV": "net", "SVQ_BLK_DEV": "blk", "SVQ_VDUSE_DEV": "blk"}
+    used = sorted({c[1] for c in cases})
+    servers = {}
+    runs, switches = [], {}
+    try:
+        for var in used:
+            for mode in ("passthrough", "shadow", "auto"):
+                servers[var, mode] = Serve(devs[var], mode, folder)
+        every = [pid for p in procs.values() for pid in p] + [s.proc.pid for s in servers.values()]
+        cpus = place("pinned", every)
+        for cid, var, _, size, write in cases:         # warm-up, discarded
+            for mode in ("serve-passthrough", "serve-shadow"):
+                r = serve_run(servers[var, mode[6:]], kinds[var], WARMUP_SECONDS, size, write,
+                              cpus, procs[var])
+                if "failure" in r or r.get("errors"):
+                    note("warm-up %s %s: %s" % (cid, mode, r.get("failure") or r.get("error_messages")))
+        total, done = rounds * len(cases) * len(SERVE_MODES), 0
+        for rnd in range(rounds):
+            modes = SERVE_MODES[rnd % 3:] + SERVE_MODES[:rnd % 3]   # each mode first in turn
+            for cid, var, _, size, write in cases:
+                for mode in modes:
+                    if mode == "direct":
+                        r = svq_run(devs[var], seconds, size, write, True, cpus, procs[var])
+                    else:
+                        r = serve_run(servers[var, mode[6:]], kinds[var], seconds, size, write,
+                                      cpus, procs[var])
+                    r.update(case=cid, mode=mode, round=rnd, placement="pinned")
+                    runs.append(r)
+                    done += 1
+                    if "failure" in r or r.get("errors"):
+                        note("serve round %d %s %s: %s" % (rnd, cid, mode,
+                                                           r.get("failure") or r.get("error_messages")))
+                    note("[%3d/%d %4.0fs] serve round %d %-16s %-17s %10s req/s" % (
+                        done, total, time.monotonic() - t0, rnd + 1, cid, mode,
+                        r.get("requests_per_second")))
+        for var in used:
+            cid, _, _, size, write = next(c for c in cases if c[1] == var)
+            r = serve_run(servers[var, "auto"], kinds[var], SWITCH_SECONDS, size, write, cpus,
+                          procs[var], log_toggle=LOG_TOGGLE_SECONDS)
+            found = SWITCH_RE.findall(r.get("serve_log", ""))
+            r["switch_ms"] = {to: [float(ms) for t, ms, _ in found if t == to]
+                              for to in ("shadow", "passthrough")}
+            r["switch_how"] = sorted({how for _, _, how in found})
+            r["case"] = cid
+            switches[var] = r
+            note("switches on %s: %d to shadow, %d to passthrough (%s)" % (
+                devs[var], len(r["switch_ms"]["shadow"]), len(r["switch_ms"]["passthrough"]),
+                ", ".join(r["switch_how"]) or r.get("failure") or "none"))
+    finally:
+        for srv in servers.values():
+            srv.stop()
+        place("free", [pid for p in procs.values() for pid in p])
+    return runs, switches
 
 
 def measure_rss(argv, warmup, seconds):
@@ -315,6 +454,18 @@ def cmd_vm(args):
                         done, total, time.monotonic() - t0, rnd + 1, cid, placement, mode,
                         r.get("requests_per_second")))
     place("free", every)
+    scases = [c for c in cases if c[0] in SERVE_CASES]
+    if scases and args.serve_rounds:
+        folder = tempfile.mkdtemp(prefix="svqbench")
+        try:
+            out["serve_runs"], out["switches"] = serve_bench(
+                devs, procs, scases, args.serve_rounds, args.seconds, folder, t0)
+        except (RuntimeError, OSError) as e:
+            note("serve benchmarks: %s" % e)
+            out["serve_failure"] = str(e)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        out["serve_rounds"] = args.serve_rounds
     # Resident memory of svq.py run beyond the guest memory (shared) it maps.
     mem = {}
     py = sys.executable
@@ -352,8 +503,9 @@ def run_vm(args):
     env = dict(os.environ)
     env.setdefault("SVQ_VM_TIMEOUT", "2400")
     name = "bench-vm-%d.json" % os.getpid()
-    inner = ("exec %s bench.py vm --rounds %d --seconds %s --placement %s --out \"$SVQ_OUT/%s\"%s"
-             % ("python3", args.rounds, args.seconds, args.placement, name,
+    inner = ("exec %s bench.py vm --rounds %d --serve-rounds %d --seconds %s --placement %s "
+             "--out \"$SVQ_OUT/%s\"%s"
+             % ("python3", args.rounds, args.serve_rounds, args.seconds, args.placement, name,
                 " --only %s" % args.only if args.only else ""))
     argv = [sys.executable, os.path.join(ROOT, "vm", "run"), "sh", "-c", inner]
     note("device benchmarks in the VM: %d rounds x %s s x 2 modes, placement %s"
@@ -449,6 +601,108 @@ def summarize_devices(vm, placement=None):
     return rows
 
 
+def summarize_serve(vm):
+    """One row per serve case: each mode's median [min-max], and serve's
+    modes against run --direct within each round, median over the rounds."""
+    rows = []
+    runs = vm.get("serve_runs") or []
+    for cid, var, label, size, write in DEVICE_CASES:
+        mine = [r for r in runs if r["case"] == cid]
+        if not mine:
+            continue
+        row = {"case": cid, "device": label, "size": size, "write": write, "failed_runs": 0}
+        for mode in SERVE_MODES:
+            ok = [r for r in mine if r["mode"] == mode and "failure" not in r and r.get("requests")]
+            row["failed_runs"] += sum(1 for r in mine if r["mode"] == mode) - len(ok)
+            rps = [r["requests_per_second"] for r in ok]
+            mbs = [r["mbit_per_second"] for r in ok]
+            row[mode] = {"n": len(ok), "rps": median(rps), "rps_min": min(rps) if rps else None,
+                         "rps_max": max(rps) if rps else None, "mbit": median(mbs),
+                         "mbit_min": min(mbs) if mbs else None,
+                         "mbit_max": max(mbs) if mbs else None,
+                         "errors": sum(r.get("errors") or 0 for r in ok)}
+            for who in ("driver", "svq"):
+                us = [r["cpu_seconds"][who] * 1e6 / r["requests"] for r in ok
+                      if (r.get("cpu_seconds") or {}).get(who) is not None]
+                row[mode]["cpu_us_" + who] = median(us)
+        for mode in SERVE_MODES[1:]:
+            per = []
+            for rnd in range(vm.get("serve_rounds") or 0):
+                pair = {r["mode"]: r.get("requests_per_second") for r in mine
+                        if r["round"] == rnd and "failure" not in r}
+                if pair.get("direct") and pair.get(mode):
+                    per.append(pair[mode] / pair["direct"])
+            row[mode]["round_ratios"] = [round(x, 3) for x in per]
+            row[mode]["ratio"] = round(median(per), 3) if per else None
+        rows.append(row)
+    return rows
+
+
+def summarize_switches(vm):
+    rows = []
+    for var, r in sorted((vm.get("switches") or {}).items()):
+        case = next(c for c in DEVICE_CASES if c[0] == r.get("case"))
+        ms = r.get("switch_ms") or {}
+        acks = r.get("log_toggle_ms") or {}
+        rows.append({"device": case[2], "case": r.get("case"), "failure": r.get("failure"),
+                     "errors": r.get("errors"), "how": r.get("switch_how") or [],
+                     "requests_per_second": r.get("requests_per_second"),
+                     "to_shadow": ms.get("shadow") or [], "to_passthrough": ms.get("passthrough") or [],
+                     "ack_on": acks.get("on") or [], "ack_off": acks.get("off") or []})
+    return rows
+
+
+def _ms(xs):
+    if not xs:
+        return "-"
+    return "%.1f [%.1f-%.1f]" % (median(xs), min(xs), max(xs))
+
+
+def format_serve(rows, switches, vm):
+    L = ["", "serve (vhost-user): the built-in driver as serve's frontend (`svq.py run SOCKET "
+         "--type T`), beside `svq.py run --direct` in each round;",
+         "%d rounds of %s s, pinned (driver on vCPU %d; serve, its worker and the device's threads "
+         "on vCPU %d); ratio = within each round, median [min-max]."
+         % (vm.get("serve_rounds") or 0, vm["seconds"], DRIVER_CPU, HOST_CPU), "",
+         "| benchmark | unit | direct | serve passthrough | serve shadow | passthrough/direct "
+         "| shadow/direct | CPU us/req: driver direct, serve shadow's svq |",
+         "|---|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        unit, key, digits = device_metric(row)
+        cells = []
+        for mode in SERVE_MODES:
+            m = row[mode]
+            cells.append(_cell(_scaled(m, "mbit", 1 / 8) if key == "mbit" else m, key, digits))
+        rat = []
+        for mode in SERVE_MODES[1:]:
+            per = row[mode]["round_ratios"]
+            rat.append("%.3f [%.2f-%.2f]" % (row[mode]["ratio"], min(per), max(per)) if per else "-")
+        flags = []
+        if row["failed_runs"]:
+            flags.append("%d failed runs" % row["failed_runs"])
+        if any(row[m]["errors"] for m in SERVE_MODES):
+            flags.append("integrity errors")
+        L.append("| %s | %s | %s | %s | %s | %s | %s | %s -> %s, svq %s%s |" % (
+            _case_label(row), unit, cells[0], cells[1], cells[2], rat[0], rat[1],
+            _fmt(row["direct"]["cpu_us_driver"]), _fmt(row["serve-shadow"]["cpu_us_driver"]),
+            _fmt(row["serve-shadow"]["cpu_us_svq"]), "; " + ", ".join(flags) if flags else ""))
+    if switches:
+        L += ["", "Switch time: serve --mode auto while the driver turns dirty logging on and off "
+              "every %g s for %g s (as migrations that start and fail do);" % (
+                  LOG_TOGGLE_SECONDS, SWITCH_SECONDS),
+              "serve's log: device stopped taking requests -> device running again, in ms, "
+              "median [min-max]; ack = SET_FEATURES sent -> its REPLY_ACK, as the frontend sees it.",
+              "", "| device | to shadow | to passthrough | switches | how | ack on | ack off | "
+              "req/s meanwhile | integrity errors |", "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+        for w in switches:
+            L.append("| %s | %s | %s | %d | %s | %s | %s | %s | %s |" % (
+                w["device"], _ms(w["to_shadow"]), _ms(w["to_passthrough"]),
+                len(w["to_shadow"]) + len(w["to_passthrough"]), ", ".join(w["how"]) or "-",
+                _ms(w["ack_on"]), _ms(w["ack_off"]), _fmt(w["requests_per_second"]),
+                w["failure"] or w["errors"]))
+    return L
+
+
 # ============================================================================
 # Copier benchmark (host, no device)
 # ============================================================================
@@ -527,6 +781,7 @@ class Copier:
             self.q = None
             dev_ring = self.gring
         self.dev_ring = dev_ring
+        self.views = []
         if not notify:
             # A polling device: it asks for no kicks.
             dev_ring.used16[0] = svq.VRING_USED_F_NO_NOTIFY
@@ -534,6 +789,8 @@ class Copier:
     def close(self):
         for fd in self.fds:
             os.close(fd)
+        for v in self.views:
+            v.release()
         for ring in (self.gring, getattr(self, "sring", None)):
             if ring is not None:
                 ring.release()
@@ -562,6 +819,8 @@ class Copier:
         state = {"aidx": 0, "dev_last": 0, "drv_used": 0, "bad": 0}
         # rewrite: the length word of each chain's last descriptor.
         glen32 = g.desc.cast("I") if self.rewrite else None
+        if glen32 is not None:
+            self.views.append(glen32)   # released by close(): the closure outlives it
         len_word = [(h + self.chain - 1) * 4 + 2 for h in heads]
         base_len = self.BUF if self.chain <= 2 else 512
         nheads = self.nheads
@@ -960,6 +1219,8 @@ def format_table(res):
                  "to verify; requests count both.")
         for other, rows in sorted((res.get("devices_by_placement") or {}).items()):
             L.extend(_placement_table(res["placement"], res["devices"], other, rows))
+    if res.get("serve") or res.get("switches"):
+        L.extend(format_serve(res.get("serve") or [], res.get("switches") or [], vm))
     cop = res.get("copier")
     if cop:
         L.append("")
@@ -1065,6 +1326,14 @@ def targets(res):
             TARGET_RATIO, ", placement %s" % placement if placement else "",
             len(rows) - len(missed), len(rows),
             "; missed: " + ", ".join("%s %.3f" % cv for cv in missed) if missed else ""))
+    srows = res.get("serve") or []
+    if srows:
+        lo, hi = TARGET_PASSTHROUGH
+        got = [(r["case"], r["serve-passthrough"]["ratio"]) for r in srows]
+        missed = [(c, v) for c, v in got if v is None or not lo <= v <= hi]
+        out.append("  serve passthrough/direct %.2f-%.2f: %d of %d met%s" % (
+            lo, hi, len(got) - len(missed), len(got),
+            "; missed: " + ", ".join("%s %s" % (c, _fmt(v, 3)) for c, v in missed) if missed else ""))
     for r in res.get("copier") or []:
         if r["chain"] == 2 and r["batch"] == 64 and r["notify"] and not r.get("variant"):
             v = r["round_trips_per_s"]
@@ -1095,6 +1364,10 @@ def metrics(res):
             m["%s shadow/direct" % r["case"]] = (paired, True)
         if of_medians is not None:
             m["%s shadow/direct of medians" % r["case"]] = (of_medians, True)
+    for r in res.get("serve") or []:
+        for mode in SERVE_MODES[1:]:
+            if r[mode].get("ratio") is not None:
+                m["%s %s/direct" % (r["case"], mode)] = (r[mode]["ratio"], True)
     for r in res.get("copier") or []:
         m["copier %s round trips/s" % r["id"]] = (r["round_trips_per_s"], True)
         m["copier %s svq us/req" % r["id"]] = (r["svq_cpu_us_per_req"], False)
@@ -1156,6 +1429,8 @@ def cmd_run(args):
             res["devices"] = summarize_devices(vm, placements[0])
             for other in placements[1:]:
                 res.setdefault("devices_by_placement", {})[other] = summarize_devices(vm, other)
+            res["serve"] = summarize_serve(vm)
+            res["switches"] = summarize_switches(vm)
     res["elapsed_seconds"] = round(time.monotonic() - t0, 1)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench-%s.json" % time.strftime("%Y%m%d-%H%M%S"))
@@ -1188,6 +1463,9 @@ def build_parser():
     r.add_argument("--rounds", type=int, default=ROUNDS, help="device rounds (default %d)" % ROUNDS)
     r.add_argument("--seconds", type=float, default=SECONDS,
                    help="seconds per device run (default %g)" % SECONDS)
+    r.add_argument("--serve-rounds", type=int, default=ROUNDS,
+                   help="rounds of serve passthrough and shadow beside direct (default %d; 0: "
+                   "none)" % ROUNDS)
     r.add_argument("--copier-seconds", type=float, default=0.25)
     r.add_argument("--only", help="device cases whose id starts with one of these (comma list)")
     r.add_argument("--placement", choices=PLACEMENTS + ("both",), default="both",
@@ -1201,6 +1479,7 @@ def build_parser():
                    "runs always use ./svq.py)")
     v = sub.add_parser("vm", help="(inside the VM) device benchmarks")
     v.add_argument("--rounds", type=int, default=ROUNDS)
+    v.add_argument("--serve-rounds", type=int, default=ROUNDS)
     v.add_argument("--seconds", type=float, default=SECONDS)
     v.add_argument("--only")
     v.add_argument("--placement", choices=PLACEMENTS + ("both",), default="both")
