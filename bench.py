@@ -1044,7 +1044,8 @@ def cmd_profile(args):
     sys.path.insert(0, ROOT)
     if args.svq:
         load_svq(args.svq)
-    c = Copier(args.chain, args.batch, True, not args.polled)
+    c = Copier(args.chain, args.batch, True, not args.polled,
+               rewrite=args.variant == "rewritten", copied=args.variant == "copied")
     try:
         run, _ = c.make_loop()
         run(100)
@@ -1056,8 +1057,9 @@ def cmd_profile(args):
     finally:
         c.close()
     st = pstats.Stats(prof, stream=sys.stdout)
-    print("cProfile: %d round trips of %d-descriptor chains, batch %d%s"
-          % (n * args.batch, args.chain, args.batch, ", polled" if args.polled else ""))
+    print("cProfile: %d round trips of %d-descriptor chains, batch %d%s%s"
+          % (n * args.batch, args.chain, args.batch, ", polled" if args.polled else "",
+             ", " + args.variant if args.variant else ""))
     st.strip_dirs().sort_stats(args.sort).print_stats(args.top)
     return 0
 
@@ -1496,6 +1498,8 @@ def build_parser():
     f.add_argument("--chain", type=int, default=2)
     f.add_argument("--batch", type=int, default=64)
     f.add_argument("--polled", action="store_true")
+    f.add_argument("--variant", choices=("", "rewritten", "copied"), default="",
+                   help="as the copier's cases: table rewritten every batch, or QEMU's layout")
     f.add_argument("--sort", default="tottime")
     f.add_argument("--top", type=int, default=20)
     f.add_argument("--svq", metavar="FILE", help="profile this svq.py instead")

@@ -336,6 +336,8 @@ _U64 = struct.Struct("<Q")
 # A descriptor's second 64-bit word (len | flags << 32 | next << 48) with
 # every flag but NEXT and WRITE cleared.
 _DESC_KEEP = 0xffff0003ffffffff
+_DESC_NEXT = VRING_DESC_F_NEXT << 32                    # flags in a descriptor's second word
+_DESC_WRITE_NEXT = (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) << 32
 _EVENTFD_ONE = _U64.pack(1)
 
 PAGE_SIZE = 4096
@@ -1583,6 +1585,40 @@ class SplitDriver:
         """Queue one chain of (address, length, writable) buffers; False if it
         does not fit now.  A fixed queue puts it at descriptors at, at+1, ...
         (False while the chain there is still in flight)."""
+        if self.fixed or self.indirect is not None:
+            return self._add_placed(bufs, token, at)
+        # The shadow ring's case, per guest request: descriptors from the
+        # free list.  Two 64-bit stores a descriptor, each written with NEXT
+        # and its free-list successor; the last one's flags word again
+        # without NEXT (nothing is published until the avail index is).
+        n = len(bufs)
+        if n > self.num_free or not n:
+            if not n:
+                raise SvqError("vq %d: a chain of no buffers" % self.index)
+            return False
+        desc64, desc_next = self.ring.desc64, self.desc_next
+        head = slot = last = self.free_head
+        word = 0
+        for gpa, length, write in bufs:
+            nxt = desc_next[slot]
+            desc64[2 * slot] = gpa
+            word = length | (_DESC_WRITE_NEXT if write else _DESC_NEXT) | nxt << 48
+            desc64[2 * slot + 1] = word
+            last, slot = slot, nxt
+        desc64[2 * last + 1] = word ^ _DESC_NEXT
+        self.free_head = slot
+        self.num_free -= n
+        self.chain_len[head] = n
+        self.chain_last[head] = last
+        self.tokens[head] = token
+        self.in_flight += 1
+        idx = self.avail_idx
+        self.ring.avail16[2 + (idx & (self.num - 1))] = head
+        self.avail_idx = (idx + 1) & 0xffff
+        return True
+
+    def _add_placed(self, bufs, token, at):
+        """add() for a fixed queue or one with an indirect table area."""
         n = len(bufs)
         ind = self.indirect
         use_indirect = ind is not None and 1 < n <= ind[2]
@@ -2016,14 +2052,17 @@ class SplitGuest:
         return self.ring.avail16[1] != self.last_avail_idx
 
     def pop(self):
-        if self.last_avail_idx == self.avail_seen and not self.read_avail():
+        """The next available chain: (head, buffers, descriptors it takes in
+        the guest ring: 1, avail state before it), or None."""
+        idx = self.last_avail_idx
+        if idx == self.avail_seen and not self.read_avail():
             return None
-        head = self.ring.avail16[2 + (self.last_avail_idx & (self.num - 1))]
+        head = self.ring.avail16[2 + (idx & (self.num - 1))]
         if head >= self.num:
-            self.svq._fail("guest", self.last_avail_idx, "avail head %d out of range" % head)
+            self.svq._fail("guest", idx, "avail head %d out of range" % head)
         bufs = self.chain(head)
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xffff
-        return head, bufs, 1
+        self.last_avail_idx = (idx + 1) & 0xffff
+        return head, bufs, 1, idx
 
     def chain(self, head):
         """The chain at `head` as [(gpa, len, writable)], its indirect table
@@ -2069,6 +2108,14 @@ class SplitGuest:
         _USED_ELEM.pack_into(self.ring.used, 4 + ((self.used_idx & (self.num - 1)) << 3),
                              head, length)
         self.used_idx = (self.used_idx + 1) & 0xffff
+
+    def push_many(self, entries):
+        """push() of each (head, length, ndescs) in turn."""
+        pack, used, mask, idx = _USED_ELEM.pack_into, self.ring.used, self.num - 1, self.used_idx
+        for head, length, _ in entries:
+            pack(used, 4 + ((idx & mask) << 3), head, length)
+            idx += 1
+        self.used_idx = idx & 0xffff
 
     def push_raw(self, raw):
         """Used entries as the device wrote them (the mirrored layout)."""
@@ -2181,9 +2228,12 @@ class PackedGuest:
         return self._avail_at(self.last_avail, self.avail_wrap)
 
     def pop(self):
+        """As SplitGuest.pop: (buffer id, buffers, descriptors, avail state
+        before it), or None."""
         pos, wrap, num = self.last_avail, self.avail_wrap, self.num
         if not self._avail_at(pos, wrap):
             return None
+        state = pos | wrap << 15
         # Read barrier: the first descriptor's flags before the chain.
         smp_rmb()
         fail = self.svq._fail
@@ -2225,7 +2275,7 @@ class PackedGuest:
             fail("guest", self.last_avail, "buffer id %d is already in flight" % bid)
         self.ids[bid] = 1
         self.last_avail, self.avail_wrap = pos, wrap
-        return bid, bufs, n
+        return bid, bufs, n, state
 
     def _indirect(self, addr, length, pos):
         table, n = self.svq.indirect_table(addr, length, pos)
@@ -2258,6 +2308,10 @@ class PackedGuest:
             self.used_wrap ^= 1
         self.used_pos = pos
         self.advanced += ndescs
+
+    def push_many(self, entries):
+        for bid, length, ndescs in entries:
+            self.push(bid, length, ndescs)
 
     def publish(self):
         p = self.pending
@@ -2904,11 +2958,9 @@ class ShadowVirtqueue:
                     while True:
                         chain = self.parked
                         if chain is None:
-                            state = g.avail_state()
-                            popped = g.pop()
-                            if popped is None:
+                            chain = g.pop()
+                            if chain is None:
                                 break
-                            chain = popped + (state,)
                         if not self.add(*chain):
                             self.parked = chain
                             parked = True
@@ -2999,26 +3051,36 @@ class ShadowVirtqueue:
         """Copied layout: move the used entries the shadow ring has to the
         guest's ring; returns how many went to the guest.  QEMU's
         vhost_svq_get_buf."""
-        push = self.g.push
         log = self.wlog
-        mark = log.mark if log is not None else None
-        moved = 0
-        for (gid, wlen, bufs, _seq, bounce, ndescs, _state), length in self.shadow.used_batch():
-            if length > wlen:
-                self._fail("device", self.shadow.last_used_idx,
-                           "used length %d beyond the %d writable bytes" % (length, wlen))
-            if bounce is not None:
-                self._unbounce(bounce, bufs)
-            if mark is not None:
-                for gpa, n, write in bufs:
-                    if write:
-                        mark(gpa, n)
-            if gid != INTERNAL:
-                if self.pcap is not None:
-                    self._capture(bufs, length)
-                push(gid, length, ndescs)
-                moved += 1
-        return moved
+        if log is not None:
+            mark, pending = log.mark, log.pending
+        out = []
+        append = out.append
+        try:
+            for (gid, wlen, bufs, _seq, bounce, ndescs, _state), length in self.shadow.used_batch():
+                if length > wlen:
+                    self._fail("device", self.shadow.last_used_idx,
+                               "used length %d beyond the %d writable bytes" % (length, wlen))
+                if bounce is not None:
+                    self._unbounce(bounce, bufs)
+                if log is not None:
+                    for gpa, n, write in bufs:
+                        if write:
+                            # DirtyLog.mark, its one-page case inline.
+                            page = gpa >> PAGE_SHIFT
+                            if n and (gpa + n - 1) >> PAGE_SHIFT == page:
+                                pending.append((page >> 3) << 8 | 1 << (page & 7))
+                            else:
+                                mark(gpa, n)
+                if gid != INTERNAL:
+                    if self.pcap is not None:
+                        self._capture(bufs, length)
+                    append((gid, length, ndescs))
+        finally:
+            # What was checked goes to the guest even when a later entry
+            # breaks the ring (its chains are off the shadow ring).
+            self.g.push_many(out)
+        return len(out)
 
     def _call_guest(self):
         """Call the guest for the entries published since the last call
