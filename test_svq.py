@@ -3995,6 +3995,22 @@ def test_run_drives_serve_over_vhost_user(tmpdir_short, kind, mode):
         assert "switched" not in log, log       # logging on and off: shadow all along
 
 
+@pytest.mark.parametrize("kind", ["blk", "net"])
+def test_run_packed_through_serve_in_shadow_mode(tmpdir_short, kind):
+    """The driver's packed rings through serve's shadow (packed guest ring,
+    split device ring), dirty logging toggled meanwhile."""
+    path = os.path.join(tmpdir_short, "vu.sock")
+    srv = MockProcessServer(path, kind, "shadow")
+    try:
+        s = _run_vu(path, kind, 1.5, packed=True, log_toggle=0.3, write=kind == "blk")
+        assert s["ring"] == "packed" and s["errors"] == 0, s
+        assert s["requests"] > 100 and s["dirty_pages"] > 0, s
+        srv.wait_no_worker()
+    finally:
+        log = srv.stop()
+    assert re.search(r"vq 0 size \d+ packed", log), log
+
+
 def test_run_vhost_user_usage_errors(tmpdir_short):
     path = os.path.join(tmpdir_short, "vu.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -4666,8 +4682,8 @@ GUEST_MAC = "52:54:00:12:34:56"  # the rig's vdpa_sim_net MAC
 
 # The nested guest's init: modules in, the disk vda up (with svq_net on the
 # kernel command line the NIC and a second disk vdb too, vdb written and
-# read back once: BLK2 OK), then rounds for ever, each printed on the
-# console:
+# read back once: BLK2 OK, and once a round: CHECK n.b), then rounds for
+# ever, each printed on the console:
 #   fill: write piece (r + n) % 8 of eight 1 MiB pieces of random data
 #     (_nested_blk_data: made on the host, the nested guest would spend 40 s
 #     on them) into region r at 4r MiB on the disk (O_DIRECT: the device
@@ -4727,6 +4743,10 @@ check() {
   got=$(dd if=/dev/vda bs=1M count=1 iflag=direct 2>/dev/null | md5sum)
   if [ "$got" = "$(cat /data/m$(( n % 8 )))" ]; then echo "CHECK $n.d OK"; else echo "CHECK $n.d BAD"; fi
   if [ -n "$net" ]; then
+    p=$(( (n + 3) % 8 ))
+    dd if=/data/d$p of=/dev/vdb bs=1M seek=$p count=1 oflag=direct conv=fsync 2>/dev/null
+    got=$(dd if=/dev/vdb bs=1M skip=$p count=1 iflag=direct 2>/dev/null | md5sum)
+    if [ "$got" = "$(cat /data/m$p)" ]; then echo "CHECK $n.b OK"; else echo "CHECK $n.b BAD"; fi
     arping -b -c 4 -w 30 -I eth0 10.0.2.2 >/dev/null 2>&1
     sleep 1
     s=/sys/class/net/eth0/statistics
@@ -5143,7 +5163,7 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
         "-netdev", "vhost-user,id=n0,chardev=c1",
         "-device", "virtio-net-pci,netdev=n0,mac=%s,vectors=0,romfile=" % GUEST_MAC,
         "-chardev", "socket,id=c2,path=" + socks["blk2_" + side],
-        "-device", "vhost-user-blk-pci,chardev=c2"]
+        "-device", "vhost-user-blk-pci,chardev=c2,packed=on"]
     guests, servers, stats = [], [], {}
 
     def guest(name, side, incoming=None):
@@ -5186,8 +5206,11 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
             net_a = ProcessServer(socks["net_a"], net_dev)
             blk_b = ProcessServer(socks["blk_b"], blk_dev_b, script=_unlogged_svq(d))
             net_b = ProcessServer(socks["net_b"], net_dev_b, extra=["--pcap", pcap])
-            blk2_a = ProcessServer(socks["blk2_a"], blk2_dev)
-            blk2_b = ProcessServer(socks["blk2_b"], blk2_dev_b)
+            # vdb: QEMU's packed ring (packed=on), which serve offers in
+            # shadow mode (vdpa_sim has none: the shadow carries it to the
+            # device's split ring), through stop/cont and both migrations.
+            blk2_a = ProcessServer(socks["blk2_a"], blk2_dev, ["--mode", "shadow"])
+            blk2_b = ProcessServer(socks["blk2_b"], blk2_dev_b, ["--mode", "shadow"])
             servers += [blk_a, net_a, blk_b, net_b, blk2_a, blk2_b]
             t0 = time.monotonic()
             src = guest("src", "a")
@@ -5196,6 +5219,7 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
             stats["boot_and_first_round_s"] = round(time.monotonic() - t0)
             checks_ok(src, "the first round")
             assert "BLK2 OK" in src.text(), src.text()[-2000:]
+            assert re.search(r"vq 0 size \d+ packed", blk2_a.log()), blk2_a.log()
 
             # 1. stop/cont: QEMU stops the devices with SET_STATUS(0) first.
             src.qmp("stop")
@@ -5207,17 +5231,20 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
             dst = guest("dst1", "b", incoming=mig)
             src.qmp("migrate-set-parameters", **{"max-bandwidth": 1 << 10, "downtime-limit": 1})
             src.qmp("migrate", uri=mig)
-            for s in (blk_a, net_a, blk2_a):
+            for s in (blk_a, net_a):
                 src.wait(lambda: "switched to shadow" in s.log(), 60, "serve going shadow", s)
+            src.wait(lambda: "dirty logging on" in blk2_a.log(), 60, "vdb's serve logging", blk2_a)
             fills = _guest_count(src.text(), "FILL")
             src.wait(lambda: _guest_count(src.text(), "FILL") > fills, NESTED_ROUND_SECONDS,
                      "a fill while migrating", *servers)
             dst.kill()
             src.wait(lambda: src.qmp("query-migrate")["status"] == "failed", 60,
                      "the migration failing", *servers)
-            for s in (blk_a, net_a, blk2_a):
+            for s in (blk_a, net_a):
                 src.wait(lambda: "switched to passthrough" in s.log().split("switched to shadow")[-1],
                          60, "serve back in passthrough", s)
+            src.wait(lambda: "dirty logging off" in blk2_a.log(), 60, "vdb's serve not logging",
+                     blk2_a)
             more_rounds(src, 1, "a round after stop/cont and the failed migration")
             checks_ok(src, "after stop/cont and the failed migration")
 
@@ -5263,7 +5290,12 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
             assert straddle, "no check of the fill that straddles the switch-over ran on the " \
                              "destination:\n" + dst.text()[-2000:]
             for s in (blk_a, net_a, blk2_a):     # all three logged into QEMU's one log
-                assert "dirty logging on" in s.log() and "switched to shadow" in s.log(), s.log()
+                assert "dirty logging on" in s.log(), s.log()
+            for s in (blk_a, net_a):
+                assert "switched to shadow" in s.log(), s.log()
+            # vdb's packed ring restarted on the destination where the source left it
+            assert re.search(r"vq 0 size \d+ packed", blk2_b.log()), blk2_b.log()
+            stats["packed_vdb_checks"] = len([x for x in after if x[1] == "b"])
             before, net_after = _net_rounds(src.text()), _net_rounds(dst.text())
             assert before and all(tx == rx and tx > 0 for _, tx, rx in before), before
             assert net_after and all(tx > before[-1][1] for _, tx, _ in net_after), \
