@@ -1607,8 +1607,13 @@ class SplitDriver:
             last, slot = slot, nxt
         desc64[2 * last + 1] = word ^ _DESC_NEXT
         self.free_head = slot
-        self.num_free -= n
-        self.chain_len[head] = n
+        return self._post(head, n, last, token)
+
+    def _post(self, head, need, last, token):
+        """A chain written at `head` (`need` descriptors, the last `last`):
+        account for it and put it in the avail ring (not yet published)."""
+        self.num_free -= need
+        self.chain_len[head] = need
         self.chain_last[head] = last
         self.tokens[head] = token
         self.in_flight += 1
@@ -1664,14 +1669,7 @@ class SplitDriver:
                 k += 1
         if not self.fixed:
             self.free_head = slot
-        self.num_free -= need
-        self.chain_len[head] = need
-        self.chain_last[head] = last
-        self.tokens[head] = token
-        self.in_flight += 1
-        self.ring.avail16[2 + (self.avail_idx & (self.num - 1))] = head
-        self.avail_idx = (self.avail_idx + 1) & 0xffff
-        return True
+        return self._post(head, need, last, token)
 
     def publish(self):
         """Make the chains added so far visible; returns the previous index."""
