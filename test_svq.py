@@ -4618,6 +4618,18 @@ def test_mirrored_whole_write_beyond_a_short_log_is_clamped(rig):
 # bench.py: how its ratio is formed
 # ============================================================================
 
+@pytest.mark.parametrize("packed,copied", [(False, False), (False, True), (True, False)])
+def test_bench_ring_copier_runs_every_request_round(packed, copied):
+    """The split/packed copier: every request comes back (it raises
+    otherwise), the layout is the one asked for, the device's writes logged."""
+    import bench
+    r = bench.ring_copier_case(packed, seconds=0.02, reps=1, copied=copied)
+    assert r["ring"] == ("packed" if packed else "split")
+    assert r["layout"] == ("copied" if packed or copied else "mirrored")
+    assert r["dirty_pages"] > 0 and 0 < r["svq_us_per_req"] < r["cpu_us_per_req"]
+    assert r["walks_per_req"] == (1.0 if r["layout"] == "mirrored" else 0.0)
+
+
 def test_bench_ratio_is_the_median_of_paired_rounds():
     import bench
     rates = [(100, 90), (200, 170), (100, 95), (50, 40), (100, None)]   # (direct, shadow)
