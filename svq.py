@@ -3050,8 +3050,7 @@ class ShadowVirtqueue:
         guest's ring; returns how many went to the guest.  QEMU's
         vhost_svq_get_buf."""
         log = self.wlog
-        if log is not None:
-            mark, pending = log.mark, log.pending
+        mark = log.mark if log is not None else None
         out = []
         append = out.append
         try:
@@ -3061,15 +3060,10 @@ class ShadowVirtqueue:
                                "used length %d beyond the %d writable bytes" % (length, wlen))
                 if bounce is not None:
                     self._unbounce(bounce, bufs)
-                if log is not None:
+                if mark is not None:
                     for gpa, n, write in bufs:
                         if write:
-                            # DirtyLog.mark, its one-page case inline.
-                            page = gpa >> PAGE_SHIFT
-                            if n and (gpa + n - 1) >> PAGE_SHIFT == page:
-                                pending.append((page >> 3) << 8 | 1 << (page & 7))
-                            else:
-                                mark(gpa, n)
+                            mark(gpa, n)
                 if gid != INTERNAL:
                     if self.pcap is not None:
                         self._capture(bufs, length)
@@ -3988,10 +3982,10 @@ class BuiltinRun:
             if self.ring_base:
                 raise UsageError("--ring-base is for split rings (a packed ring wraps every "
                                  "queue size descriptors anyway)")
-            if self.vhost_user and not dev.device_features >> VIRTIO_F_RING_PACKED & 1:
-                raise UsageError("--packed: the backend at %s offers no packed ring "
-                                 "(VIRTIO_F_RING_PACKED)" % self.path)
             if self.direct and not dev.device_features >> VIRTIO_F_RING_PACKED & 1:
+                if self.vhost_user:
+                    raise UsageError("--packed: the backend at %s offers no packed ring "
+                                     "(VIRTIO_F_RING_PACKED)" % self.path)
                 raise UsageError("--packed --direct: %s has no packed ring (VIRTIO_F_RING_PACKED); "
                                  "without --direct the shadow ring carries the driver's packed "
                                  "ring to the device's split one" % self.path)
@@ -4028,14 +4022,13 @@ class BuiltinRun:
         total = page_align_up(buf_base + drv.memory_needed() - self.GUEST_BASE)
         first = min(split - self.GUEST_BASE, total - PAGE_SIZE)
         layout = [(self.GUEST_BASE, first), (self.GUEST_BASE + first, total - first)]
+        # A vhost-user backend maps the driver's memory from its files.
+        self.mem = mem = (GuestMemory.memfd if self.vhost_user else GuestMemory.anonymous)(layout)
         if self.vhost_user:
-            self.mem = mem = GuestMemory.memfd(layout)
-            dev.set_mem_table(mem, mem.fds)
+            dev.set_mem_table(mem)
         elif self.direct:
-            self.mem = mem = GuestMemory.anonymous(layout)
             map_guest_memory(dev, mem)
         else:
-            self.mem = mem = GuestMemory.anonymous(layout)
             self.sdev = ShadowDevice(dev, mem)
             self.log = DirtyLog(mem.size >> PAGE_SHIFT)
         drv.setup_buffers(mem, buf_base)
@@ -4160,10 +4153,8 @@ class BuiltinRun:
             loop.add_reader(svq.device_call_fd, guarded(svq.handle_device_call))
         # Run until the guest is done; a signal asks it to stop and drain,
         # while the shadow queues keep serving what it has in flight.
-        if self.log_toggle:
-            loop.run(tick=self._toggle_log, tick_interval=self.log_toggle)
-        else:
-            loop.run()
+        loop.run(tick=self._toggle_log if self.log_toggle else None,
+                 tick_interval=self.log_toggle or 0.25)
         if loop.stop_signal is not None:
             os.write(self.stop_fd, _EVENTFD_ONE)
             loop.stopped = False
@@ -4318,10 +4309,7 @@ class BuiltinRun:
         else:
             kicks = {"guest": s.guest_kicks, "device": s.device_kicks}
             calls = {"device": s.device_calls, "guest": s.guest_calls}
-        if self.vhost_user:
-            log = self.dev.log
-        else:
-            log = self.log
+        log = self.dev.log if self.vhost_user else self.log
         out = {
             "device": self.path, "type": self.dev.type,
             "mode": "vhost-user" if self.vhost_user else "direct" if self.direct else "shadow",
@@ -6783,15 +6771,15 @@ class VhostUserDevice:
         decode = decode_net_config if self.device_id == VIRTIO_ID_NET else decode_blk_config
         return decode(raw, self.features or self.device_features)
 
-    def set_mem_table(self, mem, fds):
-        """Guest memory for the backend: one memfd per region, its
-        userspace address the region's mapping in this process."""
+    def set_mem_table(self, mem):
+        """Guest memory for the backend (GuestMemory.memfd): a file per
+        region, its userspace address the region's mapping in this process."""
         if len(mem.regions) > VU_MAX_REGIONS:
             raise UsageError("%d memory regions (vhost-user takes %d)"
                              % (len(mem.regions), VU_MAX_REGIONS))
         payload = struct.pack("<II", len(mem.regions), 0) + b"".join(
             _VU_REGION.pack(r.gpa, r.size, r.uaddr, 0) for r in mem.regions)
-        self._request(VHOST_USER_SET_MEM_TABLE, payload, fds)
+        self._request(VHOST_USER_SET_MEM_TABLE, payload, mem.fds)
         self.mem = mem
 
     def _uaddr(self, gpa):
