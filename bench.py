@@ -304,7 +304,9 @@ class Serve:
 
 
 def serve_run(srv, kind, seconds, size, write, cpus, device, **kw):
-    """One run of the built-in driver through `srv`; svq's CPU is serve's."""
+    """One run of the built-in driver through `srv`; svq's CPU is serve's.
+    What serve logged meanwhile is in "serve_log" (the tail only, unless
+    the run failed)."""
     srv.wait_idle()
     cpu0 = srv.cpu()
     since = srv.offset()
@@ -313,7 +315,8 @@ def serve_run(srv, kind, seconds, size, write, cpus, device, **kw):
         note("serve %s: the worker did not exit" % srv.path)
     if "cpu_seconds" in r:
         r["cpu_seconds"]["svq"] = round(srv.cpu() - cpu0, 3)
-    r["serve_log"] = srv.text(since)[-4000:]
+    text = srv.text(since)
+    r["serve_log"] = text if "failure" in r or r.get("errors") else text[-400:]
     return r
 
 
@@ -357,9 +360,10 @@ def serve_bench(devs, procs, cases, rounds, seconds, folder, t0):
                         r.get("requests_per_second")))
         for var in used:
             cid, _, _, size, write = next(c for c in cases if c[1] == var)
+            since = servers[var, "auto"].offset()
             r = serve_run(servers[var, "auto"], kinds[var], SWITCH_SECONDS, size, write, cpus,
                           procs[var], log_toggle=LOG_TOGGLE_SECONDS)
-            found = SWITCH_RE.findall(r.get("serve_log", ""))
+            found = SWITCH_RE.findall(servers[var, "auto"].text(since))    # the whole log
             r["switch_ms"] = {to: [float(ms) for t, ms, _ in found if t == to]
                               for to in ("shadow", "passthrough")}
             r["switch_how"] = sorted({how for _, _, how in found})
@@ -555,6 +559,36 @@ def ratios(row):
     return (round(median(per), 3) if per else of_medians), of_medians
 
 
+def _mode_summary(runs, mode):
+    """(summary, failed runs) of the runs of one mode: median [min-max] of
+    requests/s and Mbit/s, integrity errors, and each process's CPU per
+    request (median over the rounds)."""
+    mine = [r for r in runs if r["mode"] == mode]
+    ok = [r for r in mine if "failure" not in r and r.get("requests")]
+    out = {"n": len(ok), "errors": sum(r.get("errors") or 0 for r in ok)}
+    for key, field in (("rps", "requests_per_second"), ("mbit", "mbit_per_second")):
+        xs = [r[field] for r in ok]
+        out.update({key: median(xs), key + "_min": min(xs) if xs else None,
+                    key + "_max": max(xs) if xs else None})
+    for who in ("driver", "svq", "device"):
+        us = [r["cpu_seconds"][who] * 1e6 / r["requests"] for r in ok
+              if (r.get("cpu_seconds") or {}).get(who) is not None]
+        out["cpu_us_" + who] = median(us)
+    return out, len(mine) - len(ok)
+
+
+def _round_ratios(runs, rounds, mode, base="direct"):
+    """mode/base within each round (the two runs side by side, so a slow
+    spell of the host falls on both); rounds with a failed run left out."""
+    per = []
+    for rnd in range(rounds):
+        pair = {r["mode"]: r.get("requests_per_second") for r in runs
+                if r["round"] == rnd and "failure" not in r}
+        if pair.get(base) and pair.get(mode):
+            per.append(pair[mode] / pair[base])
+    return [round(x, 3) for x in per], (round(median(per), 3) if per else None)
+
+
 def summarize_devices(vm, placement=None):
     """One row per case, of the runs with `placement` (None: all; results
     files from before placements were recorded hold only free runs)."""
@@ -564,39 +598,14 @@ def summarize_devices(vm, placement=None):
                 and placement in (None, r.get("placement", "free"))]
         if not runs:
             continue
-        row = {"case": cid, "device": label, "size": size, "write": write}
-        failed = 0
+        row = {"case": cid, "device": label, "size": size, "write": write, "failed_runs": 0}
         for mode in ("direct", "shadow"):
-            ok = [r for r in runs if r["mode"] == mode and "failure" not in r
-                  and r.get("requests")]
-            failed += sum(1 for r in runs if r["mode"] == mode) - len(ok)
-            rps = [r["requests_per_second"] for r in ok]
-            mbs = [r["mbit_per_second"] for r in ok]
-            row[mode] = {"n": len(ok), "rps": median(rps),
-                         "rps_min": min(rps) if rps else None,
-                         "rps_max": max(rps) if rps else None,
-                         "mbit": median(mbs), "mbit_min": min(mbs) if mbs else None,
-                         "mbit_max": max(mbs) if mbs else None,
-                         "errors": sum(r.get("errors") or 0 for r in ok)}
-            # CPU per request of each process (median over the rounds).
-            for who in ("driver", "svq", "device"):
-                us = [r["cpu_seconds"][who] * 1e6 / r["requests"] for r in ok
-                      if (r.get("cpu_seconds") or {}).get(who) is not None]
-                row[mode]["cpu_us_" + who] = median(us)
-        row["failed_runs"] = failed
+            row[mode], failed = _mode_summary(runs, mode)
+            row["failed_runs"] += failed
         d, s = row["direct"]["rps"], row["shadow"]["rps"]
         row["ratio_of_medians"] = round(s / d, 3) if d and s else None
-        # The ratio: shadow/direct within each round (the two runs side by
-        # side, so a slow spell of the host falls on both), median over the
-        # rounds.  Rounds with a failed run are left out.
-        per = []
-        for rnd in range(vm["rounds"]):
-            pair = {r["mode"]: r.get("requests_per_second") for r in runs
-                    if r["round"] == rnd and "failure" not in r}
-            if pair.get("direct") and pair.get("shadow"):
-                per.append(pair["shadow"] / pair["direct"])
-        row["round_ratios"] = [round(x, 3) for x in per]
-        row["ratio"] = round(median(per), 3) if per else None
+        # The ratio: shadow/direct within each round, median over the rounds.
+        row["round_ratios"], row["ratio"] = _round_ratios(runs, vm["rounds"], "shadow")
         rows.append(row)
     return rows
 
@@ -612,28 +621,11 @@ def summarize_serve(vm):
             continue
         row = {"case": cid, "device": label, "size": size, "write": write, "failed_runs": 0}
         for mode in SERVE_MODES:
-            ok = [r for r in mine if r["mode"] == mode and "failure" not in r and r.get("requests")]
-            row["failed_runs"] += sum(1 for r in mine if r["mode"] == mode) - len(ok)
-            rps = [r["requests_per_second"] for r in ok]
-            mbs = [r["mbit_per_second"] for r in ok]
-            row[mode] = {"n": len(ok), "rps": median(rps), "rps_min": min(rps) if rps else None,
-                         "rps_max": max(rps) if rps else None, "mbit": median(mbs),
-                         "mbit_min": min(mbs) if mbs else None,
-                         "mbit_max": max(mbs) if mbs else None,
-                         "errors": sum(r.get("errors") or 0 for r in ok)}
-            for who in ("driver", "svq"):
-                us = [r["cpu_seconds"][who] * 1e6 / r["requests"] for r in ok
-                      if (r.get("cpu_seconds") or {}).get(who) is not None]
-                row[mode]["cpu_us_" + who] = median(us)
+            row[mode], failed = _mode_summary(mine, mode)
+            row["failed_runs"] += failed
         for mode in SERVE_MODES[1:]:
-            per = []
-            for rnd in range(vm.get("serve_rounds") or 0):
-                pair = {r["mode"]: r.get("requests_per_second") for r in mine
-                        if r["round"] == rnd and "failure" not in r}
-                if pair.get("direct") and pair.get(mode):
-                    per.append(pair[mode] / pair["direct"])
-            row[mode]["round_ratios"] = [round(x, 3) for x in per]
-            row[mode]["ratio"] = round(median(per), 3) if per else None
+            row[mode]["round_ratios"], row[mode]["ratio"] = _round_ratios(
+                mine, vm.get("serve_rounds") or 0, mode)
         rows.append(row)
     return rows
 
