@@ -714,7 +714,7 @@ class Copier:
     HDR = 12
 
     def __init__(self, chain, batch, shadow=True, notify=True, num=256, rewrite=False, copied=False,
-                 translate=False, packed=False):
+                 translate=False):
         import svq
         self.svq_mod = svq
         self.chain, self.batch, self.shadow, self.notify, self.num = chain, batch, shadow, notify, num
