@@ -4915,6 +4915,10 @@ class VdpaNetlink:
         return self.nl.request(self.nl.family, cmd, attrs, dump, what, perm)
 
     @staticmethod
+    def _dev_attrs(name):
+        return nla_strz(VDPA_ATTR_DEV_NAME, name)
+
+    @staticmethod
     def _mgmtdev_attrs(handle):
         if handle.count("/") > 1:
             raise UsageError("management device %r: want NAME or BUS/NAME" % handle)
@@ -4923,33 +4927,27 @@ class VdpaNetlink:
             return nla_strz(VDPA_ATTR_MGMTDEV_BUS_NAME, bus) + nla_strz(VDPA_ATTR_MGMTDEV_DEV_NAME, name)
         return nla_strz(VDPA_ATTR_MGMTDEV_DEV_NAME, handle)
 
+    def _show(self, cmd, what, key, attrs_of, missing, decode):
+        """`what` of every object (key None: a dump) or of the one named `key`."""
+        if key is None:
+            replies = self._req(cmd, dump=True, what=what)
+        else:
+            replies = self._req(cmd, attrs_of(key), what="%s %s" % (what, key),
+                                errors={errno.ENODEV: missing})
+        return [decode(r) for r in replies]
+
     def mgmtdevs(self, handle=None):
         """[(handle, fields)] of every management device, or of one."""
-        if handle is None:
-            replies = self._req(VDPA_CMD_MGMTDEV_GET, dump=True, what="mgmtdev show")
-        else:
-            replies = self._req(VDPA_CMD_MGMTDEV_GET, self._mgmtdev_attrs(handle),
-                                what="mgmtdev show %s" % handle,
-                                errors={errno.ENODEV: "no such management device"})
-        return [decode_mgmtdev(r) for r in replies]
+        return self._show(VDPA_CMD_MGMTDEV_GET, "mgmtdev show", handle, self._mgmtdev_attrs,
+                          "no such management device", decode_mgmtdev)
 
     def devs(self, name=None):
-        if name is None:
-            replies = self._req(VDPA_CMD_DEV_GET, dump=True, what="dev show")
-        else:
-            replies = self._req(VDPA_CMD_DEV_GET, nla_strz(VDPA_ATTR_DEV_NAME, name),
-                                what="dev show %s" % name,
-                                errors={errno.ENODEV: "no such vdpa device"})
-        return [decode_dev(r) for r in replies]
+        return self._show(VDPA_CMD_DEV_GET, "dev show", name, self._dev_attrs,
+                          "no such vdpa device", decode_dev)
 
     def configs(self, name=None):
-        if name is None:
-            replies = self._req(VDPA_CMD_DEV_CONFIG_GET, dump=True, what="dev config show")
-        else:
-            replies = self._req(VDPA_CMD_DEV_CONFIG_GET, nla_strz(VDPA_ATTR_DEV_NAME, name),
-                                what="dev config show %s" % name,
-                                errors={errno.ENODEV: "no such vdpa device"})
-        return [decode_config(r) for r in replies]
+        return self._show(VDPA_CMD_DEV_CONFIG_GET, "dev config show", name, self._dev_attrs,
+                          "no such vdpa device", decode_config)
 
     def vstats(self, name, qidx):
         replies = self._req(VDPA_CMD_DEV_VSTATS_GET,
