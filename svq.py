@@ -338,6 +338,8 @@ _U64 = struct.Struct("<Q")
 _DESC_KEEP = 0xffff0003ffffffff
 _DESC_NEXT = VRING_DESC_F_NEXT << 32                    # flags in a descriptor's second word
 _DESC_WRITE_NEXT = (VRING_DESC_F_WRITE | VRING_DESC_F_NEXT) << 32
+_DESC_WRITE = VRING_DESC_F_WRITE << 32
+_DESC_INDIRECT = VRING_DESC_F_INDIRECT << 32
 _EVENTFD_ONE = _U64.pack(1)
 
 PAGE_SIZE = 4096
@@ -1368,7 +1370,7 @@ class DirtyLog:
             self._or_bytes(block.buffer_info()[0])
         else:
             buf, size = self.buf, self.size
-            for w in p:
+            for w in set(p):            # buffers share pages: each word once
                 if w >> 8 < size:
                     buf[w >> 8] |= w & 0xff
         p.clear()
@@ -1739,29 +1741,30 @@ class SplitDriver:
         if count > self.in_flight:
             raise RingError(self.side, self.index, end, "used index moved by %d with %d requests "
                             "in flight" % (count, self.in_flight))
-        unpack, used, mask = _USED_ELEM.unpack_from, ring.used, num - 1
+        # The entries read in one go, into a private copy (what is checked
+        # is what is used).
+        ents = memoryview(ring_read(ring.used, num, 8, idx, count)).cast("I")
         desc_next, chain_last, chain_len = self.desc_next, self.chain_last, self.chain_len
         fixed = self.fixed
         out = []
+        append = out.append
         free_head, num_free = self.free_head, self.num_free
         try:
-            while idx != end:
-                head, length = unpack(used, 4 + ((idx & mask) << 3))
+            for head, length in zip(ents[0::2], ents[1::2]):
                 token = tokens[head] if head < num else None
                 if token is None:
-                    raise RingError(self.side, self.index, idx,
+                    raise RingError(self.side, self.index, (idx + len(out)) & 0xffff,
                                     "used id %d was never made available" % head)
                 tokens[head] = None
                 if not fixed:
                     desc_next[chain_last[head]] = free_head
                     free_head = head
                 num_free += chain_len[head]
-                out.append((token, length))
-                idx = (idx + 1) & 0xffff
+                append((token, length))
         finally:
             self.free_head, self.num_free = free_head, num_free
             self.in_flight -= len(out)
-            self.last_used_idx = idx
+            self.last_used_idx = (idx + len(out)) & 0xffff
         return out
 
     def disable_cb(self):
@@ -2108,12 +2111,11 @@ class SplitGuest:
         self.used_idx = (self.used_idx + 1) & 0xffff
 
     def push_many(self, entries):
-        """push() of each (head, length, ndescs) in turn."""
-        pack, used, mask, idx = _USED_ELEM.pack_into, self.ring.used, self.num - 1, self.used_idx
-        for head, length, _ in entries:
-            pack(used, 4 + ((idx & mask) << 3), head, length)
-            idx += 1
-        self.used_idx = idx & 0xffff
+        """push() of each entry of the flat sequence `entries` (head, length,
+        ndescs, head, ...), in one store of their used elements."""
+        raw = array.array("I", entries)
+        del raw[2::3]                   # vring_used_elem: id, len
+        self.push_raw(raw.tobytes())
 
     def push_raw(self, raw):
         """Used entries as the device wrote them (the mirrored layout)."""
@@ -2308,7 +2310,9 @@ class PackedGuest:
         self.advanced += ndescs
 
     def push_many(self, entries):
-        for bid, length, ndescs in entries:
+        """As SplitGuest.push_many: the flat sequence id, length, ndescs, ..."""
+        it = iter(entries)
+        for bid, length, ndescs in zip(it, it, it):
             self.push(bid, length, ndescs)
 
     def publish(self):
@@ -2780,11 +2784,11 @@ class ShadowVirtqueue:
             if mask & bit:
                 self._fail("guest", idx, "descriptor chain from head %d loops" % head)
             mask |= bit
-            addr = snap[2 * i]
-            word = snap[2 * i + 1]          # len | flags << 32 | next << 48
+            j = 2 * i
+            addr = snap[j]
+            word = snap[j + 1]              # len | flags << 32 | next << 48
             length = word & 0xffffffff
-            flags = word >> 32 & 0xffff
-            if flags & VRING_DESC_F_INDIRECT:
+            if word & _DESC_INDIRECT:
                 if not self.guest_indirect:
                     self._fail("guest", idx, "indirect descriptor not negotiated (head %d)" % head)
                 return None
@@ -2804,7 +2808,7 @@ class ShadowVirtqueue:
                 self._hint = (hint_gpa, hint_end, hint_delta)
             if busy & bit:
                 self._fail("guest", idx, "descriptor %d of head %d is already in flight" % (i, head))
-            if flags & VRING_DESC_F_WRITE:
+            if word & _DESC_WRITE:
                 seen_write = True
                 wlen += length
                 if length:
@@ -2824,16 +2828,15 @@ class ShadowVirtqueue:
             count += 1
             # The same descriptor, translated: the guest's length and next,
             # its NEXT and WRITE flags (a last one's next is never read).
-            sdesc[2 * i] = addr + hint_delta
-            sdesc[2 * i + 1] = word & _DESC_KEEP
+            sdesc[j] = addr + hint_delta
+            sdesc[j + 1] = word & _DESC_KEEP
             if capture is not None:
-                capture.append((addr, length, flags & VRING_DESC_F_WRITE))
-            if not flags & VRING_DESC_F_NEXT:
+                capture.append((addr, length, word >> 32 & VRING_DESC_F_WRITE))
+            if not word & _DESC_NEXT:
                 break
             i = word >> 48
         self.stats.walks += 1
-        chain = self._chains[head] = (mask, count, wlen, last_w, tuple(words), tuple(inner),
-                                      capture)
+        chain = self._chains[head] = (mask, count, wlen, last_w, words, inner, capture)
         return chain
 
     def _add_mirrored(self, avail_idx):
@@ -3051,8 +3054,7 @@ class ShadowVirtqueue:
         vhost_svq_get_buf."""
         log = self.wlog
         mark = log.mark if log is not None else None
-        out = []
-        append = out.append
+        out = []                        # id, length, ndescs of each, flat
         try:
             for (gid, wlen, bufs, _seq, bounce, ndescs, _state), length in self.shadow.used_batch():
                 if length > wlen:
@@ -3067,12 +3069,12 @@ class ShadowVirtqueue:
                 if gid != INTERNAL:
                     if self.pcap is not None:
                         self._capture(bufs, length)
-                    append((gid, length, ndescs))
+                    out += (gid, length, ndescs)
         finally:
             # What was checked goes to the guest even when a later entry
             # breaks the ring (its chains are off the shadow ring).
             self.g.push_many(out)
-        return len(out)
+        return len(out) // 3
 
     def _call_guest(self):
         """Call the guest for the entries published since the last call

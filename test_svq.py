@@ -4628,7 +4628,9 @@ def test_bench_ring_copier_runs_every_request_round(packed, copied):
     r = bench.ring_copier_case(packed, seconds=0.02, reps=1, copied=copied)
     assert r["ring"] == ("packed" if packed else "split")
     assert r["layout"] == ("copied" if packed or copied else "mirrored")
-    assert r["dirty_pages"] > 0 and 0 < r["svq_us_per_req"] < r["cpu_us_per_req"]
+    # svq's time is wall time inside the run's wall time (CPU time is no
+    # bound: a descheduled process counts wall time, not CPU).
+    assert r["dirty_pages"] > 0 and 0 < r["svq_us_per_req"] < 1e6 / r["round_trips_per_s"]
     assert r["walks_per_req"] == (1.0 if r["layout"] == "mirrored" else 0.0)
 
 
@@ -5140,6 +5142,23 @@ def _nested_teardown(prefix, guests, servers):
             f.write(text)
 
 
+def _boot(make, name, ready, servers, stats):
+    """make(name) a nested guest and wait until ready(guest).  One whose
+    kernel dies before its init is ready (seen under nested TCG, more often
+    on a loaded machine: an oops in early boot, in security_init's kmalloc;
+    QEMU then exits, -no-reboot) is booted once more, as NAME-reboot, and
+    counted in stats["boot_retries"]; a second death fails."""
+    for attempt in range(2):
+        g = make(name if attempt == 0 else name + "-reboot")
+        died = lambda: g.proc.poll() is not None and "NESTED READY" not in g.text()
+        g.wait(lambda: ready(g) or (attempt == 0 and died()), NESTED_BOOT_SECONDS,
+               "boot and a first round", *servers)
+        if ready(g):
+            return g
+        stats["boot_retries"] = stats.get("boot_retries", 0) + 1
+        g.kill()
+
+
 def _mig_stats(st):
     return {"total_ms": st.get("total-time"), "downtime_ms": st.get("downtime"),
             "setup_ms": st.get("setup-time"),
@@ -5242,9 +5261,8 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
             blk2_b = ProcessServer(socks["blk2_b"], blk2_dev_b, ["--mode", "shadow"])
             servers += [blk_a, net_a, blk_b, net_b, blk2_a, blk2_b]
             t0 = time.monotonic()
-            src = guest("src", "a")
-            src.wait(lambda: rounds(src) >= 1, NESTED_BOOT_SECONDS, "boot and a first round",
-                     *servers)
+            src = _boot(lambda name: guest(name, "a"), "src", lambda g: rounds(g) >= 1, servers,
+                        stats)
             stats["boot_and_first_round_s"] = round(time.monotonic() - t0)
             checks_ok(src, "the first round")
             assert "BLK2 OK" in src.text(), src.text()[-2000:]
@@ -5307,9 +5325,8 @@ def test_nested_qemu_blk_and_net_stop_cont_and_live_migration(tmpdir_short):
                 assert attempt == 0, "on the destination, twice: %s\n%s" % (
                     stats["failed_destinations"], dst.text()[-3000:])
                 dst.kill()
-                src = guest("src-again", "a")
-                src.wait(lambda: rounds(src) >= 1, NESTED_BOOT_SECONDS,
-                         "a fresh guest's boot and first round", *servers)
+                src = _boot(lambda name: guest(name, "a"), "src-again", lambda g: rounds(g) >= 1,
+                            servers, stats)
             stats["migration"] = _mig_stats(st)
             two_rounds_s = time.monotonic() - t0
             stats["destination_two_rounds_s"] = round(two_rounds_s)
@@ -5421,9 +5438,9 @@ def test_nested_qemu_packed_net_through_shadow_serve(tmpdir_short):
             net_b = ProcessServer(socks["b"], net_dev_b, ["--mode", "shadow", "--pcap", pcap])
             servers += [net_a, net_b]
             t0 = time.monotonic()
-            src = guest("src", "a")
-            src.wait(lambda: _net_rounds(src.text()), NESTED_BOOT_SECONDS, "boot and a first round",
-                     *servers)
+            boot = {}
+            src = _boot(lambda name: guest(name, "a"), "src", lambda g: _net_rounds(g.text()),
+                        servers, boot)
             boot_s = round(time.monotonic() - t0)
             # both queues (RX, TX) packed towards QEMU, split towards the device
             for vq in (0, 1):
@@ -5448,7 +5465,7 @@ def test_nested_qemu_packed_net_through_shadow_serve(tmpdir_short):
             # guest's own counters; tcpdump sees each announce out and back.
             assert announced and after[-1][2] - after[-1][1] == announced, (after, announced)
             assert len(_pcap_rarps(pcap, GUEST_MAC)) == 2 * announced, net_b.log()[-3000:]
-            stats = {"boot_and_first_round_s": boot_s, "migration": _mig_stats(st),
+            stats = {"boot_and_first_round_s": boot_s, **boot, "migration": _mig_stats(st),
                      "source": before[-1], "destination": after[-1], "announced": announced}
             print("nested packed net:", json.dumps(stats))
             _save_out("nested-packed-net.json", stats)
