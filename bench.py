@@ -1442,12 +1442,16 @@ def targets(res):
         out.append("  serve passthrough/direct %.2f-%.2f: %d of %d met%s" % (
             lo, hi, len(got) - len(missed), len(got),
             "; missed: " + ", ".join("%s %s" % (c, _fmt(v, 3)) for c, v in missed) if missed else ""))
+    # Every layout of the 2-descriptor, batch-64 case: the cached mirrored
+    # one is svq.py's own driver's; real drivers rewrite their table (Linux's
+    # virtio_net, testpmd) or take the copied layout (Linux's virtio_blk).
+    names = {"": "mirrored, cached", "rewritten": "table rewritten", "copied": "copied layout"}
     for r in res.get("copier") or []:
-        if r["chain"] == 2 and r["batch"] == 64 and r["notify"] and not r.get("variant"):
+        if r["chain"] == 2 and r["batch"] == 64 and r["notify"]:
             v = r["round_trips_per_s"]
-            out.append("  copier 2-desc >= %s/s: %s/s (%s; %.0f%% of target)" % (
-                _fmt(TARGET_COPIER), _fmt(v), "met" if v >= TARGET_COPIER else "missed",
-                v / TARGET_COPIER * 100))
+            out.append("  copier 2-desc >= %s/s, %s: %s/s (%s; %.0f%% of target)" % (
+                _fmt(TARGET_COPIER), names.get(r.get("variant") or "", r.get("variant")), _fmt(v),
+                "met" if v >= TARGET_COPIER else "missed", v / TARGET_COPIER * 100))
     imp = res.get("import")
     if imp:
         out.append("  import svq < %.0f ms: %.1f ms (%s)" % (
