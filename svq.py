@@ -5845,8 +5845,15 @@ class VhostUserConnection:
                 % (v.index, v.num, " packed" if v.svq.packed else "", v.svq.snum,
                    v.svq.last_avail_idx, v.svq.guest_used_idx) for v in self.vrings))
         else:
+            # (split: with the used index the device starts from, read from
+            # the guest's ring, as a device reads it: after a migration it
+            # is what the source left there, if its page came across)
+            packed = self._guest_features() >> VIRTIO_F_RING_PACKED & 1
             _vlog("device started, passthrough: %s" % ", ".join(
-                "vq %d size %d at avail %#x" % (v.index, v.num, v.base) for v in self.vrings))
+                "vq %d size %d at avail %#x%s" % (
+                    v.index, v.num, v.base,
+                    "" if packed else " used %#x" % self._guest_used_idx(v))
+                for v in self.vrings))
         if self.verbose:
             _vlog("device features: %s" % " ".join(
                 feature_names(self.device_features, self.server.type_names)))
